@@ -1,0 +1,102 @@
+"""A frozen Hugging Face causal LM behind the small interface the P-tuning model needs.
+
+- ``word_embeddings_VH``: the frozen input-embedding table the splice reads.
+- ``hidden_at(embeds_BSH, attention_mask_BS, target_pos_B)``: run the transformer body on spliced
+  embeddings (``inputs_embeds``) and return the final hidden state at the target positions only.
+- ``head(hidden_BH, candidate_ids_K)``: the LM head applied to those B rows, restricted to the
+  candidate ids (verbalizer or allowed vocabulary) when given: never the full B x S x V logits.
+
+Tested for the GPT-2, LLaMA and GPT-NeoX families: their ``base_model`` returns the hidden state
+after the final norm, and their head is a plain (possibly tied) linear layer. A family whose head
+adds logit scaling or soft-capping would need its own ``head``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ptuning_dist.errors import CheckpointError, ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def freeze(module: nn.Module) -> None:
+    """Freeze every parameter; done before anything wraps or shards the backbone."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+class HFBackbone(nn.Module):
+    def __init__(self, model: nn.Module, path: str | None = None):
+        super().__init__()
+        freeze(model)
+        model.eval()  # frozen: no dropout in the backbone, same numerics in train and eval
+        self.model = model
+        self.path = path
+        self.hidden_size = model.get_input_embeddings().weight.shape[1]
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32") -> "HFBackbone":
+        from transformers import AutoModelForCausalLM
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path: {path} is not a Hugging Face model directory (no config.json)")
+        if dtype not in DTYPES:
+            raise ConfigError(f"model.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
+        return cls(model, str(path))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()  # the frozen backbone never enters training mode
+        return self
+
+    @property
+    def word_embeddings_VH(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.word_embeddings_VH.dtype
+
+    def hidden_at(self, embeds_BSH, attention_mask_BS, target_pos_B) -> torch.Tensor:
+        out = self.model.base_model(inputs_embeds=embeds_BSH, attention_mask=attention_mask_BS, use_cache=False)
+        hidden_BSH = out.last_hidden_state
+        rows_B = torch.arange(hidden_BSH.shape[0], device=hidden_BSH.device)
+        return hidden_BSH[rows_B, target_pos_B]
+
+    def head(self, hidden_BH: torch.Tensor, candidate_ids_K: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (fp32) over the candidates, or over the whole vocabulary when None."""
+        lm_head = self.model.get_output_embeddings()
+        weight, bias = lm_head.weight, lm_head.bias
+        if candidate_ids_K is not None:
+            weight = weight[candidate_ids_K]
+            bias = bias[candidate_ids_K] if bias is not None else None
+        return nn.functional.linear(hidden_BH, weight, bias).float()
+
+
+def fingerprint(path: str | Path) -> str:
+    """A cheap identity of a model directory: config.json, and each weight file's name, size and
+    the hash of its first and last MiB. Hashing every byte of a 1T-parameter model would take
+    longer than the run; this catches a different model, a re-saved one or a truncated file."""
+    path = Path(path)
+    h = hashlib.sha256()
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"backbone {path}: no config.json to identify it by")
+    h.update(json.dumps(json.loads(cfg.read_text()), sort_keys=True).encode())
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    for w in weights:
+        size = w.stat().st_size
+        h.update(f"{w.name}:{size}".encode())
+        with w.open("rb") as f:
+            h.update(f.read(1 << 20))
+            if size > (2 << 20):
+                f.seek(size - (1 << 20))
+                h.update(f.read())
+    return h.hexdigest()

@@ -1,0 +1,170 @@
+"""From task rows to batches: candidates, encoded examples, a deterministic sample stream, padding.
+
+Everything here runs on the CPU in the data loader, so the training step gets the prompt plan
+(flat row/position/slot triplets) and the target positions ready-made and never syncs the host.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ptuning_dist.data.tasks import Row, Task
+from ptuning_dist.errors import DataError, TemplateError
+from ptuning_dist.prompt.template import Encoded, Template
+
+
+@dataclass
+class Candidates:
+    """The ids the head scores: a verbalizer's words, an allowed vocabulary, or (None) all."""
+
+    ids: list[int] | None
+    names: list[str] | None = None  # label names, for classification
+
+    def __post_init__(self):
+        self.index = {v: k for k, v in enumerate(self.ids)} if self.ids is not None else None
+
+    def label_of(self, target_id: int, row: Row) -> int:
+        if self.index is None:
+            return target_id
+        if target_id not in self.index:
+            raise TemplateError(f"{row.where}: target {row.target!r} is not in the allowed vocabulary")
+        return self.index[target_id]
+
+    def tensor(self) -> torch.Tensor | None:
+        return None if self.ids is None else torch.tensor(self.ids, dtype=torch.long)
+
+
+def build_candidates(task: Task, tok, allowed_vocab: str | None, space_before: bool = True) -> Candidates:
+    """Verbalizer ids for classification; for LAMA ``allowed_vocab`` is ``"full"`` (the whole
+    vocabulary), None (the task's default), ``"objects"`` (every object of the task's data) or a file of words (a JSON list
+    or one word a line, as the paper's LAMA-29k/34k vocabularies); words that are not single
+    tokens of this tokenizer are left out of a file vocabulary."""
+    if task.verbalizer is not None:
+        ids, names = [], []
+        for label, word in task.verbalizer.items():
+            tid = tok.single_token(word, space_before)
+            if tid is None:
+                raise TemplateError(f"verbalizer of task {task.name}: {label!r} -> {word!r} is not a single token")
+            if tid in ids:
+                raise TemplateError(f"verbalizer of task {task.name}: {word!r} maps two labels to one token")
+            ids.append(tid)
+            names.append(label)
+        return Candidates(ids, names)
+    allowed_vocab = allowed_vocab or task.default_allowed_vocab
+    if allowed_vocab == "full":
+        return Candidates(None)
+    if allowed_vocab == "objects":
+        words = sorted({r.target for split in ("train", "dev", "test") for r in _rows_if_any(task, split)})
+    else:
+        path = Path(allowed_vocab)
+        if not path.is_file():
+            raise DataError(f"data.allowed_vocab: file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        words = json.loads(text) if text.lstrip().startswith("[") else text.split()
+    ids = sorted({t for w in words if (t := tok.single_token(w, space_before)) is not None})
+    if not ids:
+        raise DataError(f"data.allowed_vocab {allowed_vocab!r}: no word is a single token of this tokenizer")
+    return Candidates(ids)
+
+
+def _rows_if_any(task: Task, split: str) -> list[Row]:
+    try:
+        return task.rows(split)
+    except DataError:
+        return []
+
+
+@dataclass(frozen=True)
+class Example:
+    enc: Encoded
+    label: int  # index into the candidates (or the vocabulary id when all ids are scored)
+    group: str
+
+
+def encode_rows(
+    rows: list[Row], template_for: Callable[[Row], Template], tok, max_len: int, cands: Candidates
+) -> list[Example]:
+    out = []
+    for row in rows:
+        enc = template_for(row).encode(row.values, row.target, tok, max_len, row.where)
+        out.append(Example(enc, cands.label_of(enc.target_id, row), row.group))
+    if not out:
+        raise DataError("no examples: the data split is empty")
+    return out
+
+
+class SampleStream:
+    """An endless, deterministic stream of example indices: epoch e is a permutation drawn from
+    (seed, e). Batches run on across epoch ends so every step sees exactly ``batch`` samples.
+    The position (samples consumed) is all that is needed to resume the stream."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.consumed = 0
+        self._epoch, self._perm = -1, None
+
+    def _perm_of(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perm = torch.randperm(self.n, generator=g).tolist()
+            else:
+                self._perm = list(range(self.n))
+            self._epoch = epoch
+        return self._perm
+
+    def take(self, batch: int) -> list[int]:
+        out = []
+        for s in range(self.consumed, self.consumed + batch):
+            out.append(self._perm_of(s // self.n)[s % self.n])
+        self.consumed += batch
+        return out
+
+
+@dataclass
+class Batch:
+    ids_BS: torch.Tensor
+    attention_mask_BS: torch.Tensor
+    prompt_rows_N: torch.Tensor  # the prompt plan: row, position and slot of every prompt token
+    prompt_pos_N: torch.Tensor
+    prompt_slots_N: torch.Tensor
+    target_pos_B: torch.Tensor  # position whose hidden state predicts the target
+    label_B: torch.Tensor  # index into the candidates
+    n_tokens: int  # real (non-pad) tokens, a host int: tokens/s without a device sync
+    groups: list[str] = field(default_factory=list)
+
+    def to(self, device) -> "Batch":
+        moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in vars(self).items()}
+        return Batch(**moved)
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right-pad to the longest row of this batch (dynamic padding) and flatten the plan."""
+    S = max(len(e.enc.ids) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, S), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, S), dtype=torch.long)
+    rows, pos, slots = [], [], []
+    for b, e in enumerate(examples):
+        L = len(e.enc.ids)
+        ids[b, :L] = torch.tensor(e.enc.ids, dtype=torch.long)
+        mask[b, :L] = 1
+        rows.extend([b] * len(e.enc.prompt_pos))
+        pos.extend(e.enc.prompt_pos)
+        slots.extend(e.enc.prompt_slot)
+    t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return Batch(
+        ids_BS=ids,
+        attention_mask_BS=mask,
+        prompt_rows_N=t(rows),
+        prompt_pos_N=t(pos),
+        prompt_slots_N=t(slots),
+        target_pos_B=t([e.enc.target_pos for e in examples]),
+        label_B=t([e.label for e in examples]),
+        n_tokens=int(mask.sum()),
+        groups=[e.group for e in examples],
+    )

@@ -1,0 +1,198 @@
+"""Tasks: where rows come from, which fields they have, and what the target is.
+
+- ``lama``: LAMA-style knowledge probing, the layout of the P-tuning code's fact-retrieval data:
+  ``<data_dir>/relations.jsonl`` (one relation a line: ``relation``, a manual ``template`` such as
+  ``"The capital of [X] is [Y] ."``, ``label``) and ``<data_dir>/<relation>/<split>.jsonl``
+  (``sub_label``, ``obj_label``, ``predicate_id``). The target is ``obj_label``.
+- ``rte``, ``cb``, ``boolq``, ``wic``: SuperGLUE JSON lines (the FewGLUE files: ``train.jsonl``,
+  ``dev32.jsonl``, ``val.jsonl``); the target is the verbalized ``label``.
+- ``default``: the bundled tiny LAMA set (two relations, 40 facts) used by the embedded job.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ptuning_dist.errors import DataError
+
+BUNDLED_LAMA = Path(__file__).parent / "bundled" / "lama_tiny"
+
+
+@dataclass(frozen=True)
+class Row:
+    values: dict  # field name -> text
+    target: str  # the target word (LAMA object, or the verbalized label)
+    label: str  # the gold label as the data says it (class name or object)
+    group: str  # LAMA relation id, or the task name: metrics are reported per group
+    where: str  # "file:line", for errors
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; errors name the file and line."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            out.append((n, obj))
+    return out
+
+
+def _get(obj: dict, dotted: str, where: str):
+    cur = obj
+    for key in dotted.split("."):
+        if not isinstance(cur, dict) or key not in cur:
+            raise DataError(f"{where}: row has no field {dotted!r}")
+        cur = cur[key]
+    return cur
+
+
+def _label_str(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class Task:
+    name: str
+    fields: tuple[str, ...]
+    default_template: str
+    verbalizer: dict[str, str] | None = None  # label -> target word (classification)
+    default_allowed_vocab: str = "full"  # LAMA: which ids the head scores when the config says None
+    splits: dict[str, str]  # split name -> file name
+
+    def __init__(self, data_dir: str | Path | None):
+        self.data_dir = Path(data_dir) if data_dir else self.default_dir()
+
+    def default_dir(self) -> Path:
+        raise DataError(f"task {self.name!r} needs data.data_dir (--data_dir)")
+
+    def rows(self, split: str) -> list[Row]:
+        raise NotImplementedError
+
+    def manual_template(self, group: str) -> str:
+        """The hand-written template of the manual baseline (no prompt slots)."""
+        raise NotImplementedError
+
+
+class LamaTask(Task):
+    name = "lama"
+    fields = ("sub_label",)
+    default_template = "[P*3] {sub_label} [P*3]"
+
+    def __init__(self, data_dir=None, relations: list[str] | None = None):
+        super().__init__(data_dir)
+        rel_file = self.data_dir / "relations.jsonl"
+        self.templates = {}
+        for n, obj in read_jsonl(rel_file):
+            for key in ("relation", "template"):
+                if key not in obj:
+                    raise DataError(f"{rel_file}:{n}: relation has no {key!r}")
+            if "[X]" not in obj["template"] or "[Y]" not in obj["template"]:
+                raise DataError(f"{rel_file}:{n}: template {obj['template']!r} needs [X] and [Y]")
+            self.templates[obj["relation"]] = obj["template"]
+        unknown = [r for r in relations or [] if r not in self.templates]
+        if unknown:
+            raise DataError(f"data.relations: {unknown} not in {rel_file} ({sorted(self.templates)})")
+        self.relations = list(relations) if relations else sorted(self.templates)
+
+    def rows(self, split: str) -> list[Row]:
+        out = []
+        for rel in self.relations:
+            path = self.data_dir / rel / f"{split}.jsonl"
+            for n, obj in read_jsonl(path):
+                where = f"{path}:{n}"
+                obj_label = _get(obj, "obj_label", where)
+                out.append(Row({"sub_label": _get(obj, "sub_label", where)}, obj_label, obj_label, rel, where))
+        return out
+
+    def manual_template(self, group: str) -> str:
+        return self.templates[group].replace("[X]", "{sub_label}").replace("[Y]", "[MASK]")
+
+
+class DefaultTask(LamaTask):
+    """The bundled tiny LAMA set: the embedded default job needs no data on disk."""
+
+    name = "default"
+    default_allowed_vocab = "objects"
+
+    def default_dir(self) -> Path:
+        return BUNDLED_LAMA
+
+
+class SuperGlueTask(Task):
+    splits = {"train": "train.jsonl", "dev": "dev32.jsonl", "dev32": "dev32.jsonl", "val": "val.jsonl", "test": "val.jsonl"}
+    folder: str
+
+    def default_dir(self) -> Path:
+        # The FewGLUE copy beside the project (../shared/data/fewglue/<TASK>), when it is there.
+        here = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "fewglue" / self.folder
+        if here.is_dir():
+            return here.resolve()
+        return super().default_dir()
+
+    def rows(self, split: str) -> list[Row]:
+        if split not in self.splits:
+            raise DataError(f"task {self.name}: unknown split {split!r}; use one of {sorted(self.splits)}")
+        path = self.data_dir / self.splits[split]
+        out = []
+        for n, obj in read_jsonl(path):
+            where = f"{path}:{n}"
+            label = _label_str(_get(obj, "label", where))
+            if label not in self.verbalizer:
+                raise DataError(f"{where}: label {label!r} not in the verbalizer {sorted(self.verbalizer)}")
+            values = {f: _get(obj, f, where) for f in self.fields}
+            out.append(Row(values, self.verbalizer[label], label, self.name, where))
+        return out
+
+    def manual_template(self, group: str) -> str:
+        from ptuning_dist.prompt.template import Template
+
+        return Template(self.default_template).without_prompts().text
+
+
+class RteTask(SuperGlueTask):
+    name, folder = "rte", "RTE"
+    fields = ("premise", "hypothesis")
+    default_template = "{premise} Question: {hypothesis} ? [P*3] Answer: [MASK] ."
+    verbalizer = {"entailment": "yes", "not_entailment": "no"}
+
+
+class CbTask(SuperGlueTask):
+    name, folder = "cb", "CB"
+    fields = ("premise", "hypothesis")
+    default_template = "{premise} Question: {hypothesis} ? [P*3] Answer: [MASK] ."
+    verbalizer = {"entailment": "yes", "contradiction": "no", "neutral": "maybe"}
+
+
+class BoolqTask(SuperGlueTask):
+    name, folder = "boolq", "BoolQ"
+    fields = ("passage", "question")
+    default_template = "{passage} [P*2] Question: {question} ? [P*2] Answer: [MASK] ."
+    verbalizer = {"true": "yes", "false": "no"}
+
+
+class WicTask(SuperGlueTask):
+    name, folder = "wic", "WiC"
+    fields = ("word", "sentence1", "sentence2")
+    default_template = "{sentence1} [P*2] {sentence2} [P*2] Does {word} mean the same ? [MASK] ."
+    verbalizer = {"true": "yes", "false": "no"}
+
+
+TASKS = {t.name: t for t in (DefaultTask, LamaTask, RteTask, CbTask, BoolqTask, WicTask)}
+
+
+def build_task(name: str, data_dir=None, relations=None) -> Task:
+    if name not in TASKS:
+        raise DataError(f"data.task: unknown task {name!r}; known: {sorted(TASKS)}")
+    cls = TASKS[name]
+    if issubclass(cls, LamaTask):
+        return cls(data_dir, relations)
+    return cls(data_dir)

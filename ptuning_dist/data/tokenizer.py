@@ -1,0 +1,48 @@
+"""A thin view of a Hugging Face tokenizer that encodes template pieces one at a time.
+
+Pieces are tokenized separately so that prompt slots, anchors and fields never merge across
+boundaries and no special token is added to the vocabulary. Whether a piece needs a leading space
+is decided once by probing the tokenizer:
+
+- byte-level BPE (GPT-2, GPT-NeoX): "x" and " x" are different single tokens, so a piece that
+  follows whitespace in the template is encoded with a leading space;
+- sentencepiece (LLaMA) and word-level tokenizers: the tokenizer handles word starts itself.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PieceTokenizer:
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        plain = hf_tokenizer.encode("x", add_special_tokens=False)
+        spaced = hf_tokenizer.encode(" x", add_special_tokens=False)
+        self.space_prefix = len(plain) == len(spaced) and plain != spaced
+        full = hf_tokenizer.encode("x", add_special_tokens=True)
+        bos = hf_tokenizer.bos_token_id
+        self.bos_id = bos if (bos is not None and full[:1] == [bos] and plain[:1] != [bos]) else None
+        pad = hf_tokenizer.pad_token_id
+        if pad is None:
+            pad = hf_tokenizer.eos_token_id if hf_tokenizer.eos_token_id is not None else 0
+        self.pad_id = int(pad)
+        self.vocab_size = len(hf_tokenizer)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "PieceTokenizer":
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(path)))
+
+    def encode(self, text: str, space_before: bool) -> list[int]:
+        if space_before and self.space_prefix:
+            text = " " + text
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def single_token(self, word: str, space_before: bool = True) -> int | None:
+        """The id of ``word`` when it is exactly one token, else None."""
+        ids = self.encode(word, space_before)
+        return ids[0] if len(ids) == 1 else None
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(list(ids))

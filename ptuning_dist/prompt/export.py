@@ -1,0 +1,96 @@
+"""Export and load the prompt table: ``prompt_table.safetensors`` plus a JSON sidecar.
+
+The sidecar records what the table is only valid with: the template (and so the slot count),
+hidden size, dtype, the tokenizer and the backbone (path and fingerprint). ``load_table`` checks
+the file against the sidecar, and against a backbone when one is given, and refuses a mismatch.
+Both files are written to a temporary name and renamed, so a crash never leaves half a table.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ptuning_dist.errors import CheckpointError
+
+TABLE_FILE, META_FILE = "prompt_table.safetensors", "prompt_table.json"
+ENCODER_FILE = "encoder.safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_table(out_dir, table_MH: torch.Tensor, *, template: str, backbone_path: str, backbone_hash: str,
+               tokenizer: str, vocab_size: int, extra: dict | None = None) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table_MH = table_MH.detach().float().cpu().contiguous()
+    meta = {
+        "format": "ptuning_dist.prompt_table/1",
+        "template": template,
+        "n_prompt": int(table_MH.shape[0]),
+        "hidden_size": int(table_MH.shape[1]),
+        "dtype": "float32",
+        "tokenizer": tokenizer,
+        "vocab_size": int(vocab_size),
+        "backbone": {"path": backbone_path, "fingerprint": backbone_hash},
+        **(extra or {}),
+    }
+    _atomic_write(out_dir / TABLE_FILE, lambda p: save_file({"prompt_table": table_MH}, str(p)))
+    _atomic_write(out_dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    return out_dir
+
+
+def load_table(path, backbone_hash: str | None = None) -> tuple[torch.Tensor, dict]:
+    """(table_MH, meta) from a directory holding the two files; a mismatch is a CheckpointError."""
+    path = Path(path)
+    tfile, mfile = path / TABLE_FILE, path / META_FILE
+    for f in (tfile, mfile):
+        if not f.is_file():
+            raise CheckpointError(f"prompt table: {f} not found")
+    try:
+        meta = json.loads(mfile.read_text())
+        table_MH = load_file(str(tfile))["prompt_table"]
+    except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt export
+        raise CheckpointError(f"prompt table {path}: cannot read ({e})") from None
+    shape = (meta.get("n_prompt"), meta.get("hidden_size"))
+    if tuple(table_MH.shape) != shape:
+        raise CheckpointError(f"prompt table {tfile}: shape {tuple(table_MH.shape)} != {shape} in {mfile}")
+    if backbone_hash is not None and meta["backbone"]["fingerprint"] != backbone_hash:
+        raise CheckpointError(
+            f"prompt table {path} was trained on backbone {meta['backbone']['path']} "
+            f"(fingerprint {meta['backbone']['fingerprint'][:12]}), not this one ({backbone_hash[:12]})"
+        )
+    return table_MH, meta
+
+
+def save_encoder(path, encoder: torch.nn.Module) -> None:
+    """The trained encoder's weights (what ``launchers/export.py`` re-exports a table from)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    _atomic_write(Path(path), lambda p: save_file(state, str(p)))
+
+
+def load_encoder(path, encoder: torch.nn.Module) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"encoder weights not found: {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"encoder weights {path}: cannot read ({e})") from None
+    own = encoder.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        raise CheckpointError(f"encoder weights {path} do not fit this encoder: missing {missing}, "
+                              f"unexpected {unexpected}, other shape {reshaped}")
+    encoder.load_state_dict(state)

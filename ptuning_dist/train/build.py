@@ -1,0 +1,87 @@
+"""Set-up of a run, in a fixed order: tokenizer and task -> backbone (built, loaded and frozen
+before anything wraps it) -> prompt encoder -> model -> trainable-parameter check.
+
+Later stages (checkpoint wrapping, ZeRO-3 sharding, TP/PP) are applied from outside by
+``ptuning_dist.parallel`` to the objects built here; nothing in this file knows about them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ptuning_dist.backbone.hf import HFBackbone, fingerprint
+from ptuning_dist.backbone.tiny import default_backbone
+from ptuning_dist.config import RunConfig
+from ptuning_dist.data.collate import Candidates, Example, build_candidates, encode_rows
+from ptuning_dist.data.tasks import Task, build_task
+from ptuning_dist.data.tokenizer import PieceTokenizer
+from ptuning_dist.errors import ConfigError
+from ptuning_dist.model import PTuningModel
+from ptuning_dist.prompt.encoder import PromptEncoder
+from ptuning_dist.prompt.template import Template
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    model_path: Path
+    backbone_hash: str
+    tok: PieceTokenizer
+    task: Task
+    template: Template
+    cands: Candidates
+    backbone: HFBackbone
+    device: torch.device
+
+
+def resolve_model_path(cfg: RunConfig) -> Path:
+    if cfg.model.path is not None:
+        return Path(cfg.model.path)
+    return default_backbone(Path(cfg.train.output_dir) / "default_backbone")
+
+
+def build_run(cfg: RunConfig, device: torch.device | None = None) -> Run:
+    """Everything but the encoder: tokenizer, task, template, candidates, frozen backbone."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model_path = resolve_model_path(cfg)
+    if not (model_path / "config.json").is_file():
+        raise ConfigError(f"model.path: {model_path} is not a Hugging Face model directory (no config.json)")
+    tok = PieceTokenizer.from_dir(model_path)
+    task = build_task(cfg.data.task, cfg.data.data_dir, cfg.data.relations)
+    template = Template(cfg.prompt.template or task.default_template, fields=task.fields)
+    mask_space = template.parts[-1].space_before
+    cands = build_candidates(task, tok, cfg.data.allowed_vocab, mask_space)
+    backbone = HFBackbone.from_pretrained(model_path, cfg.model.dtype).to(device)
+    return Run(cfg, model_path, fingerprint(model_path), tok, task, template, cands, backbone, device)
+
+
+def examples(run: Run, split: str, manual: bool = False) -> list[Example]:
+    """Encoded examples of a split: through the P-tuning template, or (``manual``) through each
+    group's hand-written template with no prompt slots (the manual baseline)."""
+    rows = run.task.rows(split)
+    if manual:
+        templates = {g: Template(run.task.manual_template(g)) for g in {r.group for r in rows}}
+        template_for = lambda row: templates[row.group]  # noqa: E731
+    else:
+        template_for = lambda row: run.template  # noqa: E731
+    return encode_rows(rows, template_for, run.tok, run.cfg.data.max_seq_len, run.cands)
+
+
+def build_model(run: Run, seed: int) -> tuple[PTuningModel, PromptEncoder]:
+    """The encoder (seeded: identical on every rank) and the model around the frozen backbone.
+    Asserts right after wrapping that the only trainable parameters are the encoder's."""
+    hidden = run.backbone.hidden_size
+    torch.manual_seed(seed)
+    encoder = PromptEncoder(run.cfg.prompt.encoder, run.template.n_prompt, hidden, run.cfg.prompt.lstm_dropout)
+    encoder.to(run.device)
+    model = PTuningModel(run.backbone, encoder, _to(run.cands.tensor(), run.device))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    expected = PromptEncoder.expected_num_params(encoder.kind, encoder.n_prompt, hidden)
+    assert trainable == expected, f"trainable parameters {trainable} != the encoder's {expected}"
+    return model, encoder
+
+
+def _to(t, device):
+    return None if t is None else t.to(device)
