@@ -27,7 +27,10 @@ TRAIN_FLAGS = {
     "max_grad_norm": "train.max_grad_norm", "micro_batch_size": "train.micro_batch_size",
     "global_batch_size": "train.global_batch_size", "seed": "train.seed",
     "log_every": "train.log_every", "eval_every": "train.eval_every",
-    "eval_batch_size": "train.eval_batch_size", "tp": "parallel.tp", "pp": "parallel.pp",
+    "eval_batch_size": "train.eval_batch_size", "save_every": "train.save_every",
+    "keep_checkpoints": "train.keep_checkpoints", "resume": "train.resume",
+    "tp": "parallel.tp", "pp": "parallel.pp", "ds_config": "parallel.ds_config",
+    "activation_checkpointing": "parallel.activation_checkpointing", "dist_timeout_s": "parallel.dist_timeout_s",
 }
 
 
@@ -48,6 +51,8 @@ def parse_run_config(argv, flags: dict[str, str], prog: str, extra=None) -> tupl
     p.add_argument("--config", help="a YAML/JSON run config; flags override it")
     for flag, dotted in flags.items():
         p.add_argument(f"--{flag}", default=None, help=f"sets {dotted}")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     if extra:
         extra(p)
     args = p.parse_args(argv)

@@ -93,8 +93,16 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end)."""
     eval_batch_size: int = 32
+    save_every: int = 0
+    """Write a checkpoint every N steps (0: only at the end). Checkpoints hold only what trains."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep."""
+    resume: str | None = None
+    """'auto' (the newest good checkpoint in output_dir, if any) or a checkpoint directory."""
 
     def __post_init__(self):
+        _require(self.save_every >= 0 and self.keep_checkpoints >= 1, "train.save_every/keep_checkpoints",
+                 "save_every must be >= 0 and keep_checkpoints >= 1")
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_every", "eval_batch_size"):
             _require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
@@ -107,8 +115,16 @@ class ParallelConfig:
     """Tensor-parallel size."""
     pp: int = 1
     """Pipeline-parallel size."""
+    ds_config: str | None = None
+    """A DeepSpeed JSON (ds_configs/zero3.json ...): ZeRO partitioning of the frozen backbone and
+    its dtype. Its batch sizes may be "auto"; values contradicting this config are errors."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward (about one extra forward)."""
+    dist_timeout_s: float = 600.0
+    """Bound on every collective: a dead rank makes the others fail instead of hanging."""
 
     def __post_init__(self):
+        _require(self.dist_timeout_s > 0, "parallel.dist_timeout_s", "must be > 0")
         _require(self.tp >= 1 and self.pp >= 1, "parallel.tp/pp", "must be >= 1")
 
 

@@ -9,23 +9,39 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 
 from ptuning_dist.data.collate import Example, collate
 from ptuning_dist.model import PTuningModel
 
 
 @torch.no_grad()
-def predict(model: PTuningModel, examples: list[Example], batch_size: int, pad_id: int, device) -> list[int]:
+def predict(model: PTuningModel, examples: list[Example], batch_size: int, pad_id: int, device,
+            table_MH: torch.Tensor | None = None) -> list[int]:
+    """Argmax predictions. ``table_MH``: the prompt table to use (an exported one, or an empty
+    one for the manual baseline); by default the model's prompt source, computed once here.
+
+    With several ranks each predicts an equal share (padded), so every rank runs the same number
+    of forwards (ZeRO-3 gathers are collectives), and the shares are gathered."""
     was_training = model.training
     model.eval()
-    table_MH = model.prompt() if model.prompt is not None else None
+    if table_MH is None:
+        table_MH = model.prompt() if model.prompt is not None else None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    share = -(-len(examples) // world)
+    mine = examples[rank * share : (rank + 1) * share]
+    mine = mine + [examples[0]] * (share - len(mine))
     preds = []
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id).to(device)
-        preds_B = model.logits(batch, table_MH).argmax(-1)
-        preds.extend(preds_B.tolist())  # host sync: evaluation only, once per batch
+    for i in range(0, share, batch_size):
+        batch = collate(mine[i : i + batch_size], pad_id).to(device)
+        preds.extend(model.logits(batch, table_MH).argmax(-1).tolist())  # host sync: evaluation only
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, preds)
+        preds = [p for s in shares for p in s]
     model.train(was_training)
-    return preds
+    return preds[: len(examples)]
 
 
 def lama_metrics(preds: list[int], examples: list[Example]) -> dict:
@@ -53,8 +69,9 @@ def classification_metrics(preds: list[int], examples: list[Example], labels: li
     return {"accuracy": acc, "macro_f1": sum(f1s) / len(f1s), "n": len(gold)}
 
 
-def evaluate(model: PTuningModel, examples: list[Example], cands, batch_size: int, pad_id: int, device) -> dict:
-    preds = predict(model, examples, batch_size, pad_id, device)
+def evaluate(model: PTuningModel, examples: list[Example], cands, batch_size: int, pad_id: int, device,
+             table_MH: torch.Tensor | None = None) -> dict:
+    preds = predict(model, examples, batch_size, pad_id, device, table_MH)
     if cands.names is not None:
         return classification_metrics(preds, examples, cands.names)
     return lama_metrics(preds, examples)

@@ -8,7 +8,9 @@ One forward per micro-batch::
     logits_BK  = backbone.head(hidden_BH, candidates)   K = verbalizer / allowed ids, or V
 
 The loss and evaluation read the SAME logits (the hidden state of the position just before the
-target), so what is trained is what is scored. Nothing here knows about parallelism.
+target), so what is trained is what is scored. ``FrozenLM`` (splice + backbone + head) holds every
+frozen parameter and nothing trainable: it is what ``ptuning_dist.parallel`` shards, while the
+prompt encoder stays outside it, replicated. Nothing here knows about parallelism.
 """
 from __future__ import annotations
 
@@ -20,26 +22,47 @@ from ptuning_dist.data.collate import Batch
 from ptuning_dist.ops.splice import splice_reference
 
 
+class FrozenLM(nn.Module):
+    """Splice, frozen backbone and head in one module (the word-embedding lookup must sit inside
+    the module ZeRO-3 wraps, so that its partitioned table is gathered for the lookup)."""
+
+    def __init__(self, backbone: nn.Module, candidate_ids_K: torch.Tensor | None):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("candidate_ids_K", candidate_ids_K, persistent=False)
+
+    def forward(self, ids_BS, attention_mask_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, target_pos_B,
+                table_MH):
+        embeds_BSH = splice_reference(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N,
+                                      self.backbone.word_embeddings_VH, table_MH)
+        hidden_BH = self.backbone.hidden_at(embeds_BSH, attention_mask_BS, target_pos_B)
+        return self.backbone.head(hidden_BH, self.candidate_ids_K)
+
+
 class PTuningModel(nn.Module):
     def __init__(self, backbone: nn.Module, prompt: nn.Module | None, candidate_ids_K: torch.Tensor | None):
         super().__init__()
-        self.backbone = backbone
+        self.frozen = FrozenLM(backbone, candidate_ids_K)
         self.prompt = prompt  # None: the manual baseline (a template with no prompt slots)
-        self.register_buffer("candidate_ids_K", candidate_ids_K, persistent=False)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.frozen.backbone
+
+    @property
+    def candidate_ids_K(self) -> torch.Tensor | None:
+        return self.frozen.candidate_ids_K
 
     def logits(self, batch: Batch, table_MH: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (fp32, B x K). Pass ``table_MH`` to reuse one encoder output across the
         micro-batches of a step; by default the prompt source is run here."""
-        word_VH = self.backbone.word_embeddings_VH
-        if self.prompt is None:
-            table_MH = word_VH.new_zeros((0, word_VH.shape[1]))
-        elif table_MH is None:
-            table_MH = self.prompt()
-        embeds_BSH = splice_reference(
-            batch.ids_BS, batch.prompt_rows_N, batch.prompt_pos_N, batch.prompt_slots_N, word_VH, table_MH
-        )
-        hidden_BH = self.backbone.hidden_at(embeds_BSH, batch.attention_mask_BS, batch.target_pos_B)
-        return self.backbone.head(hidden_BH, self.candidate_ids_K)
+        if table_MH is None:
+            if self.prompt is None:
+                table_MH = torch.zeros((0, self.backbone.hidden_size), device=batch.ids_BS.device)
+            else:
+                table_MH = self.prompt()
+        return self.frozen(batch.ids_BS, batch.attention_mask_BS, batch.prompt_rows_N, batch.prompt_pos_N,
+                           batch.prompt_slots_N, batch.target_pos_B, table_MH)
 
     def loss(self, batch: Batch, table_MH: torch.Tensor | None = None) -> torch.Tensor:
         return F.cross_entropy(self.logits(batch, table_MH), batch.label_B)

@@ -37,7 +37,7 @@ class HFBackbone(nn.Module):
         model.eval()  # frozen: no dropout in the backbone, same numerics in train and eval
         self.model = model
         self.path = path
-        self.hidden_size = model.get_input_embeddings().weight.shape[1]
+        self.hidden_size = model.get_input_embeddings().embedding_dim  # weight may be ZeRO-3 partitioned
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "float32") -> "HFBackbone":

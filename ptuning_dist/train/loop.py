@@ -1,35 +1,48 @@
-"""The training loop: flat, one process (the parallel wiring comes from ``ptuning_dist.parallel``).
+"""The training loop: flat, the same on 1 rank or DP ranks under DeepSpeed ZeRO.
 
-Per optimizer step::
+Set-up order: configs checked against the world size (before any process group) -> process
+group -> tokenizer, task, backbone built, loaded (ZeRO-3: partitioned while loading) and frozen
+-> encoder (seeded, then broadcast from rank 0) -> activation-checkpoint wrapping -> ZeRO engine
+over the frozen part -> optimizer -> resume.
+
+Per optimizer step, on every rank::
 
     table_MH = encoder()                      # ONCE per step (the output depends on no input)
     table_leaf = table_MH.detach().requires_grad_()
-    for each micro-batch:                     # gradient accumulation
+    for each of this rank's micro-batches:    # gradient accumulation
         loss(batch, table_leaf).backward()    # dgrad through the frozen backbone -> table_leaf.grad
+    all_reduce(table_leaf.grad) / dp          # m x h floats: cheaper than the encoder's gradients
     table_MH.backward(table_leaf.grad)        # the encoder's forward and backward run once a step
     clip, optimizer.step(), scheduler.step()
 
-Cutting the graph at the table means the LSTM is never re-run per micro-batch and no graph is
-retained across micro-batches; the summed table gradient is exactly what backpropagating each
-micro-batch through the encoder would accumulate. Only log steps touch the host (``.item()``).
+Cutting the graph at the table means the LSTM is never re-run per micro-batch, no graph is
+retained across micro-batches, and the data-parallel all-reduce moves m x h numbers. Every rank
+then computes the same encoder gradient from the same averaged table gradient, so the replicas
+stay identical (tested). Only log and save steps touch the host (``.item()``, RNG gathers).
 """
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from ptuning_dist.config import RunConfig
 from ptuning_dist.data.collate import SampleStream, collate
 from ptuning_dist.evaluate import evaluate
-from ptuning_dist.prompt.encoder import PromptTable
+from ptuning_dist.parallel import launch
+from ptuning_dist.parallel.checkpointing import apply_activation_checkpointing
+from ptuning_dist.parallel.ds_config import load_ds_config, zero_stage
+from ptuning_dist.parallel.zero import hf_zero3_context, shard_frozen
 from ptuning_dist.prompt.export import ENCODER_FILE, save_encoder, save_table
-from ptuning_dist.train.build import build_model, build_run, examples
-from ptuning_dist.model import PTuningModel
+from ptuning_dist.train import checkpoint as ckpt
+from ptuning_dist.train.faults import maybe_fail
+from ptuning_dist.train.build import build_model, build_run, examples, resolve_model_path
+
+_NONE = 2**62  # "no non-finite loss yet"
 
 
 def lr_lambda(cfg: RunConfig):
@@ -43,84 +56,193 @@ def lr_lambda(cfg: RunConfig):
     return f
 
 
-def train(cfg: RunConfig, log=print) -> dict:
-    """Run training, evaluation and export; returns the final eval results."""
+def train(cfg: RunConfig, log=print, hooks=None) -> dict:
+    """Run training, evaluation and export; returns the final eval results (on every rank).
+
+    ``hooks`` (for tests and diagnostics) may define ``after_setup(model, encoder, engine)`` and
+    ``after_backward(step, encoder)`` (encoder gradients final, before clipping and the update)."""
+    _, world = launch.env_world()
+    dp, accum = cfg.check_layout(world)
+    ds_cfg = None
+    if cfg.parallel.ds_config:
+        ds_cfg, cfg.model.dtype = load_ds_config(cfg.parallel.ds_config, cfg, world)
+    D = launch.init(need_group=ds_cfg is not None, timeout_s=cfg.parallel.dist_timeout_s)
+    say = log if D.is_main else (lambda *a, **k: None)
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dp, accum = cfg.check_layout(world_size=1)
-    run = build_run(cfg)
-    train_ex = examples(run, cfg.data.train_split)
-    eval_ex = examples(run, cfg.data.eval_split)
+    if D.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        resolve_model_path(cfg)  # builds the embedded default backbone once, before others read it
+    D.barrier()
+
+    hf_ctx = hf_zero3_context(ds_cfg) if zero_stage(ds_cfg) == 3 else None  # noqa: F841 - alive while loading
+    run = build_run(cfg, D.device)
+    train_ex, eval_ex = examples(run, cfg.data.train_split), examples(run, cfg.data.eval_split)
     model, encoder = build_model(run, cfg.train.seed)
-    (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    log(f"backbone {run.model_path} ({sum(p.numel() for p in run.backbone.parameters()):,} frozen params, "
-        f"{cfg.model.dtype}); encoder {encoder.kind} m={encoder.n_prompt} "
-        f"({sum(p.numel() for p in encoder.parameters()):,} trainable); "
-        f"{len(train_ex)} train / {len(eval_ex)} {cfg.data.eval_split} examples; accumulation {accum}")
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(run.backbone.model)
+    engine = shard_frozen(model, ds_cfg) if ds_cfg is not None else None
+    del hf_ctx
+    if D.world > 1:
+        for p in encoder.parameters():  # identical replicas from the first step on
+            dist.broadcast(p.data, src=0)
+    if hooks is not None and hasattr(hooks, "after_setup"):
+        hooks.after_setup(model, encoder, engine)
 
     opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     stream = SampleStream(len(train_ex), cfg.train.seed)
-    micro = cfg.train.micro_batch_size
-    metrics_f = (out / "metrics.jsonl").open("w")
-    loss_sum = torch.zeros((), device=run.device)
-    tokens, t_last, last_logged = 0, time.perf_counter(), 0
+    backbone_id = {"path": str(run.model_path), "fingerprint": run.backbone_hash}
+    start = _resume(cfg, out, run, encoder, opt, sched, stream, D, say)
+    if D.is_main:
+        (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    say(f"backbone {run.model_path} ({cfg.model.dtype}, ZeRO stage {zero_stage(ds_cfg)}, dp {dp}); "
+        f"encoder {encoder.kind} m={encoder.n_prompt} ({sum(p.numel() for p in encoder.parameters()):,} "
+        f"trainable); {len(train_ex)} train / {len(eval_ex)} {cfg.data.eval_split} examples; accumulation {accum}")
 
-    bar = tqdm(range(1, cfg.train.max_steps + 1), desc="train", dynamic_ncols=True)
+    G, micro, per_rank = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.global_batch_size // dp
+    release = engine.optimizer.release_backward_leftovers if zero_stage(ds_cfg) == 3 else (lambda: None)
+    metrics_f = _open_metrics(out, start) if D.is_main else None
+    stats = torch.zeros(2, device=D.device)  # loss sum, tokens since the last log
+    first_bad = torch.full((), _NONE, dtype=torch.long, device=D.device)
+    t_last, last_logged = time.perf_counter(), start
+
+    bar = tqdm(range(start + 1, cfg.train.max_steps + 1), desc="train", dynamic_ncols=True, disable=not D.is_main,
+               initial=start, total=cfg.train.max_steps, mininterval=1.0)
     for step in bar:
-        idx = stream.take(cfg.train.global_batch_size)
+        maybe_fail("step", step)
+        idx = stream.take(G)[D.rank * per_rank : (D.rank + 1) * per_rank]
         table_MH = encoder()
         table_leaf = table_MH.detach().requires_grad_()
-        for i in range(0, len(idx), micro):
-            batch = collate([train_ex[j] for j in idx[i : i + micro]], run.tok.pad_id).to(run.device)
+        step_loss = torch.zeros((), device=D.device)
+        for i in range(0, per_rank, micro):
+            batch = collate([train_ex[j] for j in idx[i : i + micro]], run.tok.pad_id).to(D.device)
             loss = model.loss(batch, table_leaf) / accum
             loss.backward()
-            loss_sum += loss.detach()
-            tokens += batch.n_tokens
-        table_MH.backward(table_leaf.grad)
+            step_loss += loss.detach()
+            stats[1] += batch.n_tokens
+        release()  # ZeRO-3: re-partition what a recomputed block left gathered
+        grad_MH = table_leaf.grad
+        if dp > 1:
+            dist.all_reduce(grad_MH)
+            grad_MH /= dp
+        table_MH.backward(grad_MH)
+        if hooks is not None and hasattr(hooks, "after_backward"):
+            hooks.after_backward(step, encoder)
         if cfg.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.train.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        stats[0] += step_loss
+        first_bad = torch.where(torch.isfinite(step_loss) | (first_bad != _NONE), first_bad, step)
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            mean_loss = loss_sum.item() / (step - last_logged)  # host sync: log steps only
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"loss is {mean_loss} at step {step}; stopping, nothing saved")
+        saving = cfg.train.save_every and step % cfg.train.save_every == 0 or step == cfg.train.max_steps
+        if step % cfg.train.log_every == 0 or saving:
+            _check_finite(first_bad, D)  # host sync: log and save steps only
+            if D.world > 1:
+                dist.all_reduce(stats)
+            loss_sum, tokens = stats.tolist()  # host sync: log steps only
             now = time.perf_counter()
-            rec = {"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0],
+            rec = {"step": step, "loss": loss_sum / dp / (step - last_logged), "lr": sched.get_last_lr()[0],
                    "samples": stream.consumed, "tokens_per_s": tokens / (now - t_last)}
-            metrics_f.write(json.dumps(rec) + "\n")
-            metrics_f.flush()
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            loss_sum.zero_()
-            tokens, t_last, last_logged = 0, now, step
+            if D.is_main:
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            stats.zero_()
+            t_last, last_logged = now, step
+        if saving:
+            _save(out, step, cfg, encoder, opt, sched, stream, backbone_id, D)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
-            res = evaluate(model, eval_ex, run.cands, cfg.train.eval_batch_size, run.tok.pad_id, run.device)
-            log(f"step {step} eval {cfg.data.eval_split}: {_headline(res)}")
-    metrics_f.close()
-    save_encoder(out / ENCODER_FILE, encoder)
+            res = evaluate(model, eval_ex, run.cands, cfg.train.eval_batch_size, run.tok.pad_id, D.device)
+            say(f"step {step} eval {cfg.data.eval_split}: {_headline(res)}")
+    if metrics_f:
+        metrics_f.close()
+    return _finish(cfg, out, run, model, encoder, eval_ex, D, say)
 
-    # Export, then evaluate through the exported table (what inference will use) and the
-    # manual-template baseline through the same code.
-    table_dir = save_table(out / "prompt_table", encoder.export_table(), template=run.template.text,
-                           backbone_path=str(run.model_path), backbone_hash=run.backbone_hash,
-                           tokenizer=str(run.model_path), vocab_size=run.tok.vocab_size,
-                           extra={"task": cfg.data.task, "encoder": encoder.kind, "steps": cfg.train.max_steps})
-    table_model = PTuningModel(run.backbone, PromptTable(encoder.export_table()).to(run.device), model.candidate_ids_K)
+
+def _resume(cfg, out, run, encoder, opt, sched, stream, D, say) -> int:
+    """Restore a checkpoint if asked; returns the step to continue after."""
+    if cfg.train.resume is None:
+        return 0
+    path = ckpt.latest_good(out, run.backbone_hash, say) if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    if path is None:
+        say(f"--resume auto: no checkpoint in {out / 'checkpoints'}; starting from step 0")
+        return 0
+    state, meta = ckpt.load(path, run.backbone_hash)
+    encoder.load_state_dict(state["encoder"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    stream.consumed = state["samples"]
+    rngs = state["rng"]
+    if len(rngs) == D.world:
+        ckpt.set_rng_state(rngs[D.rank])
+    else:
+        ckpt.set_rng_state(rngs[0])
+        say(f"resuming a {len(rngs)}-rank checkpoint on {D.world} ranks: each rank's share of every batch and "
+            f"the per-rank RNG streams change (the global sample order is kept)")
+    say(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def _save(out, step, cfg, encoder, opt, sched, stream, backbone_id, D) -> None:
+    rng = [None] * D.world
+    if D.world > 1:
+        dist.all_gather_object(rng, ckpt.rng_state())
+    else:
+        rng = [ckpt.rng_state()]
+    if D.is_main:
+        state = {"step": step, "samples": stream.consumed, "encoder": encoder.state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng,
+                 "run_config": cfg.to_dict()}
+        ckpt.save(out, step, state, backbone_id, D.world, cfg.train.keep_checkpoints)
+    D.barrier()
+
+
+def _check_finite(first_bad: torch.Tensor, D) -> None:
+    if D.world > 1:
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    bad = int(first_bad)
+    if bad != _NONE:
+        raise FloatingPointError(f"non-finite loss at step {bad}; stopping without writing a checkpoint")
+
+
+def _open_metrics(out: Path, start: int):
+    """Append after a resume, dropping lines a killed run wrote past the checkpoint."""
+    path = out / "metrics.jsonl"
+    keep = []
+    if start and path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+    f = path.open("w")
+    for line in keep:
+        f.write(line + "\n")
+    return f
+
+
+def _finish(cfg, out, run, model, encoder, eval_ex, D, say) -> dict:
+    """Export the table, then evaluate through it (what inference uses) and the manual baseline."""
+    table_MH = encoder.export_table()
+    if D.is_main:
+        save_encoder(out / ENCODER_FILE, encoder)
+        save_table(out / "prompt_table", table_MH, template=run.template.text,
+                   backbone_path=str(run.model_path), backbone_hash=run.backbone_hash,
+                   tokenizer=str(run.model_path), vocab_size=run.tok.vocab_size,
+                   extra={"task": cfg.data.task, "encoder": encoder.kind, "steps": cfg.train.max_steps})
+    bs, pad = cfg.train.eval_batch_size, run.tok.pad_id
+    no_prompt = torch.zeros((0, table_MH.shape[1]), device=D.device)
     res = {
         "step": cfg.train.max_steps,
         "split": cfg.data.eval_split,
-        "ptuning": evaluate(table_model, eval_ex, run.cands, cfg.train.eval_batch_size, run.tok.pad_id, run.device),
-        "manual_baseline": evaluate(PTuningModel(run.backbone, None, model.candidate_ids_K),
-                                    examples(run, cfg.data.eval_split, manual=True), run.cands,
-                                    cfg.train.eval_batch_size, run.tok.pad_id, run.device),
-        "prompt_table": str(table_dir),
+        "ptuning": evaluate(model, eval_ex, run.cands, bs, pad, D.device, table_MH.to(D.device)),
+        "manual_baseline": evaluate(model, examples(run, cfg.data.eval_split, manual=True), run.cands, bs, pad,
+                                    D.device, no_prompt),
+        "prompt_table": str(out / "prompt_table"),
     }
-    (out / "eval.json").write_text(json.dumps(res, indent=2) + "\n")
-    log(f"eval {cfg.data.eval_split}: p-tuning {_headline(res['ptuning'])} | "
-        f"manual template {_headline(res['manual_baseline'])}; table -> {table_dir}")
+    if D.is_main:
+        (out / "eval.json").write_text(json.dumps(res, indent=2) + "\n")
+    say(f"eval {cfg.data.eval_split}: p-tuning {_headline(res['ptuning'])} | "
+        f"manual template {_headline(res['manual_baseline'])}; table -> {out / 'prompt_table'}")
+    D.barrier()
     return res
 
 

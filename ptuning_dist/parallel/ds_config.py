@@ -1,0 +1,82 @@
+"""Check a DeepSpeed JSON against the run config, fill its "auto" fields, and never duplicate.
+
+The run config is the source of truth for batch sizes, clipping and the learning rate; the JSON
+may say ``"auto"`` (or nothing) for them, and if it names a value that contradicts the run config
+the run stops before any process group work, naming the key and the file. DeepSpeed here only
+partitions the frozen backbone (no optimizer inside it), so an ``optimizer``/``scheduler``
+section is checked for consistency and then dropped: the encoder's AdamW lives outside.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from ptuning_dist.config import RunConfig
+from ptuning_dist.errors import ConfigError
+
+_DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def _fill(d: dict, key: str, value, src: str, field: str) -> None:
+    have = d.get(key, "auto")
+    if have == "auto":
+        d[key] = value
+    elif have != value:
+        raise ConfigError(f"{src}: {key} = {have!r} contradicts {field} = {value!r} "
+                          f"(set it to \"auto\" to take the run config's value)")
+
+
+def load_ds_config(path: str | Path, cfg: RunConfig, world_size: int) -> tuple[dict, str]:
+    """(the DeepSpeed config to pass to deepspeed.initialize, the backbone dtype it implies)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--ds_config: file not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--ds_config {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--ds_config {path}: expected a JSON object")
+    d = copy.deepcopy(raw)
+    src = f"--ds_config {path}"
+    dp, accum = cfg.check_layout(world_size)
+    t = cfg.train
+    _fill(d, "train_micro_batch_size_per_gpu", t.micro_batch_size, src, "train.micro_batch_size")
+    _fill(d, "gradient_accumulation_steps", accum, src, f"global/(micro x dp={dp})")
+    _fill(d, "train_batch_size", t.global_batch_size, src, "train.global_batch_size")
+    _fill(d, "gradient_clipping", t.max_grad_norm, src, "train.max_grad_norm")
+    if d["train_batch_size"] != d["train_micro_batch_size_per_gpu"] * d["gradient_accumulation_steps"] * dp:
+        raise ConfigError(f"{src}: train_batch_size != micro x accumulation x dp ({dp})")
+
+    stage = d.setdefault("zero_optimization", {}).setdefault("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{src}: zero_optimization.stage = {stage!r}, must be 0, 1, 2 or 3")
+    on = [k for k in ("bf16", "fp16") if d.get(k, {}).get("enabled") is True]
+    if len(on) > 1:
+        raise ConfigError(f"{src}: bf16.enabled and fp16.enabled are both true; pick one")
+    if on == ["fp16"] and not torch.cuda.is_available():
+        raise ConfigError(f"{src}: fp16 needs a GPU (DeepSpeed's CPU accelerator refuses it); "
+                          "use bf16 on CPU (\"bf16\": {\"enabled\": true})")
+    dtype = _DTYPE_OF[on[0]] if on else "float32"
+    if cfg.model.dtype not in ("float32", dtype):
+        raise ConfigError(f"{src}: implies backbone dtype {dtype}, but model.dtype = {cfg.model.dtype}")
+
+    opt = d.pop("optimizer", None)
+    if opt is not None:
+        kind = str(opt.get("type", "")).lower()
+        if kind not in ("adam", "adamw"):
+            raise ConfigError(f"{src}: optimizer.type {opt.get('type')!r}: the encoder is trained with AdamW")
+        params = opt.get("params", {})
+        for key, field, value in (("lr", "train.lr", t.lr), ("weight_decay", "train.weight_decay", t.weight_decay)):
+            if params.get(key, "auto") not in ("auto", value):
+                raise ConfigError(f"{src}: optimizer.params.{key} = {params[key]!r} contradicts {field} = {value!r}")
+    d.pop("scheduler", None)  # warm-up/decay come from train.warmup_steps and train.max_steps
+    d.setdefault("steps_per_print", 10**9)  # our loop logs; keep DeepSpeed quiet
+    return d, dtype
+
+
+def zero_stage(ds_cfg: dict | None) -> int:
+    return 0 if ds_cfg is None else int(ds_cfg.get("zero_optimization", {}).get("stage", 0))

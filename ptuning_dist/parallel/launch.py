@@ -1,0 +1,87 @@
+"""Who am I: rank and world size from whichever launcher started us, and the process group.
+
+- ``deepspeed`` and ``torchrun`` set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
+- ``mpirun`` (MPICH/hydra: PMI_*, Open MPI: OMPI_COMM_WORLD_*) does not: DeepSpeed's MPI discovery
+  (mpi4py) fills them in ``deepspeed.init_distributed``; the port comes from MASTER_PORT if set.
+- ``python launchers/train.py`` alone is a world of one; with ZeRO it gets a private 1-rank group.
+
+The world size is known from the environment BEFORE any process group exists, so the run and
+DeepSpeed configs are validated first and a bad layout fails fast on every rank.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_MPI_RANK = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+_MPI_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+
+
+def _first(names) -> str | None:
+    return next((os.environ[n] for n in names if n in os.environ), None)
+
+
+def launched_by_mpi() -> bool:
+    return "RANK" not in os.environ and _first(_MPI_SIZE) is not None
+
+
+def env_world() -> tuple[int, int]:
+    """(rank, world size) from the environment, without touching any process group."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
+    if launched_by_mpi():
+        return int(_first(_MPI_RANK) or 0), int(_first(_MPI_SIZE))
+    return 0, 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init(need_group: bool, timeout_s: float = 600.0) -> Dist:
+    """Start the process group when there is more than one rank or DeepSpeed needs one.
+
+    ``timeout_s`` bounds every collective: a rank that died makes the others fail with an error
+    instead of hanging (the deepspeed and torchrun launchers also kill the survivors)."""
+    rank, world = env_world()
+    if world > 1 or need_group:
+        import deepspeed
+
+        if world == 1 and "MASTER_ADDR" not in os.environ and not launched_by_mpi():
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        if not dist.is_initialized():
+            port = int(os.environ.get("MASTER_PORT", 29500))
+            deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, verbose=False,
+                                       timeout=timedelta(seconds=timeout_s))
+        rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return Dist(rank, world, local_rank, device)

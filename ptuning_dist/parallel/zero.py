@@ -1,0 +1,65 @@
+"""DeepSpeed ZeRO for the frozen backbone; the prompt encoder stays outside, replicated.
+
+Design (why not one DeepSpeed engine around everything): under a single ZeRO-3 engine the
+encoder would be partitioned too (``stage3_param_persistence_threshold`` selects by size over the
+whole model and cannot single out an LSTM whose matrices are as big as the backbone's), and an
+LSTM under ZeRO-3 partitioning is a known failure. So:
+
+- ``FrozenLM`` (splice + backbone + head, no trainable parameter) goes into a partition-only
+  engine: ``deepspeed.initialize`` with no optimizer. At stage 3 every frozen parameter keeps
+  about numel/DP elements per rank outside forward and backward; the model is partitioned while
+  it loads (``HfDeepSpeedConfig`` before ``from_pretrained``), never materialised whole.
+- The word-embedding table and the LM head are read directly (the splice, the candidate-only
+  head), not by calling their modules, so they are registered as external parameters of
+  ``FrozenLM``: gathered once when its forward starts.
+- The forward calls ``FrozenLM`` itself (``engine.module``), never ``engine(...)``, whose
+  backward bookkeeping refuses a plain ``loss.backward()``.
+- The encoder and its torch AdamW live outside; its gradient is averaged over the data-parallel
+  group by the trainer (see ``ptuning_dist.train.loop``).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ptuning_dist.model import PTuningModel
+
+
+def hf_zero3_context(ds_cfg: dict):
+    """Keep the returned object alive while loading: with it, ``from_pretrained`` partitions
+    the weights across the data-parallel ranks as it reads them."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_cfg)
+
+
+def shard_frozen(model: PTuningModel, ds_cfg: dict):
+    """Wrap ``model.frozen`` in a partition-only DeepSpeed engine; returns the engine."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    frozen = model.frozen
+    assert not any(p.requires_grad for p in frozen.parameters()), "FrozenLM must hold no trainable parameter"
+    engine, *_ = deepspeed.initialize(model=frozen, config=ds_cfg)
+    if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        backbone = frozen.backbone.model
+        external = [backbone.get_input_embeddings().weight, backbone.get_output_embeddings().weight]
+        if backbone.get_output_embeddings().bias is not None:
+            external.append(backbone.get_output_embeddings().bias)
+        seen = set()
+        for p in external:
+            if id(p) not in seen:
+                seen.add(id(p))
+                deepspeed.zero.register_external_parameter(frozen, p)
+    return engine
+
+
+def partition_sizes(module: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """(name, full numel, elements held on this rank) for every parameter."""
+    out = []
+    for name, p in module.named_parameters():
+        full = getattr(p, "ds_numel", p.numel())
+        local = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        out.append((name, full, local))
+    return out

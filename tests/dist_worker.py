@@ -1,0 +1,50 @@
+"""Runs ptuning_dist.train.loop.train() as the launcher does, plus records for the tests:
+partition sizes after set-up, encoder gradients at chosen steps, the final encoder, per rank.
+
+    torchrun --nproc_per_node 2 tests/dist_worker.py --record DIR --grad_steps 1,3 <train.py flags>
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ptuning_dist.cli import TRAIN_FLAGS, _quiet_libraries, parse_run_config  # noqa: E402
+from ptuning_dist.parallel.zero import partition_sizes  # noqa: E402
+from ptuning_dist.train.loop import train  # noqa: E402
+
+
+def main():
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--record", required=True)
+    pre.add_argument("--grad_steps", default="1,3")
+    mine, rest = pre.parse_known_args()
+    cfg, _ = parse_run_config(rest, TRAIN_FLAGS, "dist_worker")
+    grad_steps = {int(s) for s in mine.grad_steps.split(",") if s}
+    rec = {"grads": {}, "params": {}}
+
+    class Hooks:
+        def after_setup(self, model, encoder, engine):
+            rec["partitions"] = partition_sizes(model.frozen)
+            rec["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            rec["encoder_numel"] = sum(p.numel() for p in encoder.parameters())
+            rec["encoder_init"] = {k: v.clone() for k, v in encoder.state_dict().items()}
+
+        def after_backward(self, step, encoder):
+            if step in grad_steps:
+                rec["grads"][step] = {n: p.grad.clone() for n, p in encoder.named_parameters()}
+                rec["params"][step] = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+
+    _quiet_libraries()
+    train(cfg, log=lambda *a: None, hooks=Hooks())
+    rank = int(os.environ.get("RANK", 0))
+    out = Path(mine.record)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(rec, out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()

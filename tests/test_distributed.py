@@ -1,0 +1,210 @@
+"""2-rank gloo runs under the real launchers and DeepSpeed, against a single-process reference."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptuning_dist.backbone.tiny import default_backbone
+from ptuning_dist.parallel.launch import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.dist
+
+# global batch 16 = micro 4 x accumulation 2 x dp 2; log every step to compare losses step by step
+COMMON = ["--max_steps", 3, "--micro_batch_size", 4, "--global_batch_size", 16, "--log_every", 1]
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # a private extension cache: runs with other build flags must not rebuild DeepSpeed's comm op here
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ptuning_dist_torch_extensions"))
+    e.pop("PTUNING_FAULT", None)
+    return e
+
+
+def run(cmd, ok=True, extra_env=None, timeout=600):
+    p = subprocess.run([str(c) for c in cmd], cwd=ROOT, env={**env(), **(extra_env or {})},
+                       capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert p.returncode == 0, f"failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    return p
+
+
+def torchrun(n, script, *args, **kw):
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n,
+                "--master_port", free_port(), script, *args], **kw)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    return default_backbone(tmp_path_factory.mktemp("dist") / "backbone")
+
+
+@pytest.fixture(scope="module")
+def reference(backbone, tmp_path_factory):
+    """Single process, no DeepSpeed: micro 4 x accumulation 4 = the same global batch of 16."""
+    out = tmp_path_factory.mktemp("ref")
+    run([sys.executable, WORKER, "--record", out / "rec", "--model", backbone, "--output_dir", out, *COMMON])
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero3(backbone, tmp_path_factory):
+    out = tmp_path_factory.mktemp("z3")
+    torchrun(2, WORKER, "--record", out / "rec", "--model", backbone, "--output_dir", out,
+             "--ds_config", ROOT / "ds_configs" / "zero3.json", *COMMON)
+    return out
+
+
+def test_zero3_matches_single_process(reference, zero3):
+    a, b = losses(reference), losses(zero3)
+    assert len(a) == len(b) == 3
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    ref = torch.load(reference / "rec" / "rank0.pt")
+    for r in (0, 1):
+        rec = torch.load(zero3 / "rec" / f"rank{r}.pt")
+        for step in (1, 3):
+            for name, g in ref["grads"][step].items():
+                torch.testing.assert_close(rec["grads"][step][name], g, atol=1e-5, rtol=1e-4, msg=f"{step} {name}")
+
+
+def test_zero3_partitions_backbone_and_replicates_encoder(zero3):
+    r0, r1 = (torch.load(zero3 / "rec" / f"rank{r}.pt") for r in (0, 1))
+    assert r0["partitions"], "no frozen parameters recorded"
+    for name, full, local in r0["partitions"]:
+        assert local == -(-full // 2), f"{name}: {local} of {full} elements on rank 0, expected numel/2"
+    assert r0["trainable"] == r0["encoder_numel"] > 0
+    for k in r0["encoder_init"]:
+        assert torch.equal(r0["encoder_init"][k], r1["encoder_init"][k])
+        assert torch.equal(r0["params"][3][k], r1["params"][3][k]), f"encoder replicas diverged at {k}"
+        assert torch.equal(r0["grads"][3][k], r1["grads"][3][k])
+
+
+def test_activation_checkpointing_bit_identical(backbone, zero3, tmp_path):
+    torchrun(2, WORKER, "--record", tmp_path / "rec", "--model", backbone, "--output_dir", tmp_path,
+             "--ds_config", ROOT / "ds_configs" / "zero3.json", "--activation_checkpointing", "true", *COMMON)
+    assert losses(tmp_path) == losses(zero3)
+    on, off = torch.load(tmp_path / "rec" / "rank0.pt"), torch.load(zero3 / "rec" / "rank0.pt")
+    for k, g in off["grads"][3].items():
+        assert torch.equal(on["grads"][3][k], g), k
+
+
+@pytest.mark.parametrize("config", ["zero0.json", "zero3_offload.json"])
+def test_other_ds_configs_match_reference(backbone, reference, tmp_path, config):
+    torchrun(2, WORKER, "--record", tmp_path / "rec", "--model", backbone, "--output_dir", tmp_path,
+             "--ds_config", ROOT / "ds_configs" / config, *COMMON)
+    a, b = losses(reference), losses(tmp_path)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+
+
+def test_killed_run_and_killed_save_resume_bit_identical(backbone, tmp_path):
+    flags = ["--model", backbone, "--ds_config", ROOT / "ds_configs" / "zero3.json", "--max_steps", 6,
+             "--micro_batch_size", 4, "--global_batch_size", 16, "--log_every", 1, "--save_every", 3]
+    train = ROOT / "launchers" / "train.py"
+    full = tmp_path / "full"
+    torchrun(2, train, *flags, "--output_dir", full)
+    # rank 0 dies inside the step-6 save, after writing state.pt into step_6.tmp, before the rename
+    cut = tmp_path / "cut"
+    p = torchrun(2, train, *flags, "--output_dir", cut, ok=False, extra_env={"PTUNING_FAULT": "0:save:6"})
+    assert p.returncode != 0
+    ckpts = sorted(x.name for x in (cut / "checkpoints").iterdir())
+    assert ckpts == ["step_00000003", "step_00000006.tmp"], ckpts
+    p = torchrun(2, train, *flags, "--output_dir", cut, "--resume", "auto")
+    assert losses(cut) == losses(full)  # steps 1-3 from the first run, 4-6 resumed: bit-identical
+    assert "resumed from" in p.stdout + p.stderr and "step_00000003" in p.stdout + p.stderr
+    # the checkpoint holds only what trains: the encoder and AdamW's two moments (+ a step count
+    # per tensor), no backbone tensor at any size of backbone
+    state = torch.load(full / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
+    n_enc = sum(v.numel() for v in state["encoder"].values())
+    n_opt = sum(v.numel() for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v))
+    assert n_opt == 2 * n_enc + len(state["encoder"])
+    assert set(state) == {"step", "samples", "encoder", "optimizer", "scheduler", "rng", "run_config"}
+    assert len(state["rng"]) == 2 and state["samples"] == 6 * 16
+
+
+def test_resume_on_one_rank_and_refusals(backbone, tmp_path):
+    flags = ["--model", backbone, "--max_steps", 4, "--micro_batch_size", 4, "--global_batch_size", 16,
+             "--log_every", 1, "--save_every", 2]
+    train = ROOT / "launchers" / "train.py"
+    two = tmp_path / "two"
+    torchrun(2, train, *flags, "--ds_config", ROOT / "ds_configs" / "zero3.json", "--output_dir", two)
+    one = tmp_path / "one"
+    shutil.copytree(two / "checkpoints", one / "checkpoints")
+    shutil.rmtree(one / "checkpoints" / "step_00000004")
+    p = run([sys.executable, train, *flags, "--output_dir", one, "--resume", "auto"])
+    assert "resuming a 2-rank checkpoint on 1 ranks" in p.stdout
+    a, b = losses(two)[2:], losses(one)
+    assert len(b) == 2 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+    # a corrupt newest checkpoint: 'auto' skips it, an explicit path is refused
+    state = two / "checkpoints" / "step_00000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10])
+    p = run([sys.executable, train, *flags, "--output_dir", two, "--resume", two / "checkpoints" / "step_00000004"],
+            ok=False)
+    assert p.returncode == 2 and "SHA-256 does not match" in p.stderr
+    p = run([sys.executable, train, *flags, "--output_dir", two, "--resume", "auto"])
+    assert "skipping checkpoint" in p.stdout and "step_00000002" in p.stdout
+    # a checkpoint of another backbone is refused
+    other = default_backbone(tmp_path / "other_parent" / "b")
+    from safetensors.torch import load_file, save_file
+    w = load_file(str(other / "model.safetensors"))
+    k = next(iter(w))
+    w[k] = w[k] + 1
+    save_file(w, str(other / "model.safetensors"), metadata={"format": "pt"})
+    p = run([sys.executable, train, *flags[2:], "--model", other, "--output_dir", two, "--resume",
+             two / "checkpoints" / "step_00000002"], ok=False)
+    assert p.returncode == 2 and "belongs to backbone" in p.stderr
+
+
+def test_dead_rank_stops_the_others(backbone, tmp_path):
+    t0 = time.monotonic()
+    p = torchrun(2, ROOT / "launchers" / "train.py", "--model", backbone, "--output_dir", tmp_path,
+                 "--ds_config", ROOT / "ds_configs" / "zero3.json", "--max_steps", 50, "--micro_batch_size", 8,
+                 "--dist_timeout_s", 60, ok=False, extra_env={"PTUNING_FAULT": "1:step:3"})
+    assert p.returncode != 0
+    assert time.monotonic() - t0 < 120
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_nonfinite_loss_stops_without_checkpoint(tmp_path):
+    bad = default_backbone(tmp_path / "bad")
+    from safetensors.torch import load_file, save_file
+    w = load_file(str(bad / "model.safetensors"))
+    key = next(k for k in w if "ln_f.weight" in k)
+    w[key] = torch.full_like(w[key], float("inf"))
+    save_file(w, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    p = run([sys.executable, ROOT / "launchers" / "train.py", "--model", bad, "--output_dir", tmp_path / "o",
+             "--max_steps", 5, "--save_every", 1, "--log_every", 5], ok=False)
+    assert p.returncode != 0 and "non-finite loss at step 1" in p.stderr
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "mpirun"])
+def test_launchers_run_two_ranks(backbone, tmp_path, launcher):
+    script = [ROOT / "launchers" / "train.py", "--model", backbone, "--output_dir", tmp_path, "--max_steps", 4,
+              "--ds_config", ROOT / "ds_configs" / "zero3.json", "--micro_batch_size", 8, "--log_every", 1]
+    port = free_port()
+    if launcher == "deepspeed":
+        cmd = [BIN / "deepspeed", "--num_gpus", 2, "--master_port", port, *script]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", port, *script]
+    else:
+        cmd = [BIN / "mpirun", "-np", 2, sys.executable, *script]
+    p = run(cmd, extra_env={"MASTER_PORT": str(port)})
+    out = p.stdout + p.stderr
+    assert out.count("ZeRO stage 3, dp 2") == 1, out[-3000:]  # rank 0 logs, rank 1 stays quiet
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
