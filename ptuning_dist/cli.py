@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from ptuning_dist.config import RunConfig, from_dict, load_file
@@ -44,6 +45,8 @@ def _quiet_libraries() -> None:
     except ImportError:
         pass
     logging.getLogger("torch.distributed").setLevel(logging.WARNING)
+    # DeepSpeed 0.19.8 calls torch's deprecated all_gather_into_tensor on every gather
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
 def parse_run_config(argv, flags: dict[str, str], prog: str, extra=None) -> tuple[RunConfig, argparse.Namespace]:

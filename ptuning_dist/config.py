@@ -85,8 +85,9 @@ class TrainConfig:
     """Clip the encoder's gradient norm (0: off)."""
     micro_batch_size: int = 16
     """Samples per forward on one rank."""
-    global_batch_size: int = 16
-    """Samples per optimizer step over all ranks: micro_batch_size x accumulation x dp."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all ranks: micro_batch_size x accumulation x dp. None:
+    micro_batch_size x dp (no accumulation). Set it to keep the same batch on any number of ranks."""
     seed: int = 1234
     log_every: int = 10
     """Log a metrics line (and sync the host for the loss) every N steps."""
@@ -103,8 +104,10 @@ class TrainConfig:
     def __post_init__(self):
         _require(self.save_every >= 0 and self.keep_checkpoints >= 1, "train.save_every/keep_checkpoints",
                  "save_every must be >= 0 and keep_checkpoints >= 1")
-        for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_every", "eval_batch_size"):
+        for name in ("max_steps", "micro_batch_size", "log_every", "eval_batch_size"):
             _require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.global_batch_size is None or self.global_batch_size >= 1, "train.global_batch_size",
+                 f"must be >= 1, got {self.global_batch_size}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(self.eval_every >= 0 and self.warmup_steps >= 0, "train.eval_every/warmup_steps", "must be >= 0")
 
@@ -138,13 +141,16 @@ class RunConfig:
 
     def check_layout(self, world_size: int) -> tuple[int, int]:
         """(dp, accumulation) for this world size: tp*pp*dp == world and
-        micro*accum*dp == global batch, or a ConfigError naming the fields."""
+        micro*accum*dp == global batch, or a ConfigError naming the fields. An unset global batch
+        is resolved here to micro x dp."""
         tp, pp = self.parallel.tp, self.parallel.pp
         _require(world_size % (tp * pp) == 0, "parallel.tp/pp",
                  f"tp*pp = {tp * pp} does not divide the world size {world_size}")
         dp = world_size // (tp * pp)
         t = self.train
         per_step = t.micro_batch_size * dp
+        if t.global_batch_size is None:
+            t.global_batch_size = per_step
         _require(t.global_batch_size % per_step == 0, "train.global_batch_size",
                  f"{t.global_batch_size} is not micro_batch_size ({t.micro_batch_size}) x dp ({dp}) x an accumulation count")
         return dp, t.global_batch_size // per_step

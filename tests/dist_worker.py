@@ -32,17 +32,21 @@ def main():
             rec["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             rec["encoder_numel"] = sum(p.numel() for p in encoder.parameters())
             rec["encoder_init"] = {k: v.clone() for k, v in encoder.state_dict().items()}
+            rec["_frozen"] = model.frozen
 
         def after_backward(self, step, encoder):
             if step in grad_steps:
                 rec["grads"][step] = {n: p.grad.clone() for n, p in encoder.named_parameters()}
                 rec["params"][step] = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+                # elements of frozen weights materialised on this rank after the backward
+                rec.setdefault("materialised", {})[step] = sum(p.data.numel() for p in rec["_frozen"].parameters())
 
     _quiet_libraries()
     train(cfg, log=lambda *a: None, hooks=Hooks())
     rank = int(os.environ.get("RANK", 0))
     out = Path(mine.record)
     out.mkdir(parents=True, exist_ok=True)
+    rec.pop("_frozen")
     torch.save(rec, out / f"rank{rank}.pt")
 
 

@@ -88,6 +88,7 @@ def test_zero3_partitions_backbone_and_replicates_encoder(zero3):
     for name, full, local in r0["partitions"]:
         assert local == -(-full // 2), f"{name}: {local} of {full} elements on rank 0, expected numel/2"
     assert r0["trainable"] == r0["encoder_numel"] > 0
+    assert r0["materialised"][1] == r0["materialised"][3] == 0, "ZeRO-3 left parameters gathered after a step"
     for k in r0["encoder_init"]:
         assert torch.equal(r0["encoder_init"][k], r1["encoder_init"][k])
         assert torch.equal(r0["params"][3][k], r1["params"][3][k]), f"encoder replicas diverged at {k}"
@@ -208,3 +209,16 @@ def test_launchers_run_two_ranks(backbone, tmp_path, launcher):
     out = p.stdout + p.stderr
     assert out.count("ZeRO stage 3, dp 2") == 1, out[-3000:]  # rank 0 logs, rank 1 stays quiet
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_zero3_bf16_backbone_fp32_encoder(backbone, reference, tmp_path):
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["bf16"] = {"enabled": True}
+    (tmp_path / "bf16.json").write_text(json.dumps(ds))
+    torchrun(2, WORKER, "--record", tmp_path / "rec", "--model", backbone, "--output_dir", tmp_path,
+             "--ds_config", tmp_path / "bf16.json", *COMMON)
+    rec = torch.load(tmp_path / "rec" / "rank0.pt")
+    assert all(g.dtype == torch.float32 for g in rec["grads"][1].values())
+    a, b = losses(reference), losses(tmp_path)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.05, (a, b)  # bf16 rounding, not a different model
+    assert json.loads((tmp_path / "run_config.json").read_text())["model"]["dtype"] == "bfloat16"

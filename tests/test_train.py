@@ -136,6 +136,8 @@ def test_layout_and_batch_checks():
     with pytest.raises(ConfigError, match="model.dtype"):
         from_dict({}, {"model.dtype": "int8"})
     assert from_dict({}, {"data.relations": "P36,P37"}).data.relations == ["P36", "P37"]
+    unset = from_dict({}, {"train.micro_batch_size": 8})
+    assert unset.check_layout(2) == (2, 1) and unset.train.global_batch_size == 16
 
 
 def test_bf16_backbone_keeps_fp32_encoder_and_learns(tiny_dir, tmp_path):
@@ -150,3 +152,21 @@ def test_bf16_backbone_keeps_fp32_encoder_and_learns(tiny_dir, tmp_path):
     train(cfg, log=lambda *a: None)
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["loss"] < recs[0]["loss"]
+
+
+def test_activation_checkpointing_bit_identical_single_process(tiny_dir, tmp_path):
+    from ptuning_dist.parallel.checkpointing import apply_activation_checkpointing
+
+    results = []
+    for ac in (False, True):
+        run = build_run(cfg_for(tiny_dir, tmp_path), torch.device("cpu"))
+        model, encoder = build_model(run, seed=0)
+        if ac:
+            assert apply_activation_checkpointing(run.backbone.model) == 2
+        batch = collate(examples(run, "train")[:8], run.tok.pad_id)
+        loss = model.loss(batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in encoder.parameters()]))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))

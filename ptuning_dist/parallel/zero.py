@@ -24,6 +24,7 @@ import logging
 import torch
 
 from ptuning_dist.model import PTuningModel
+from ptuning_dist.parallel.launch import quiet_unless_main
 
 
 def hf_zero3_context(ds_cfg: dict):
@@ -41,7 +42,8 @@ def shard_frozen(model: PTuningModel, ds_cfg: dict):
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     frozen = model.frozen
     assert not any(p.requires_grad for p in frozen.parameters()), "FrozenLM must hold no trainable parameter"
-    engine, *_ = deepspeed.initialize(model=frozen, config=ds_cfg)
+    with quiet_unless_main():
+        engine, *_ = deepspeed.initialize(model=frozen, config=ds_cfg)
     if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
         backbone = frozen.backbone.model
         external = [backbone.get_input_embeddings().weight, backbone.get_output_embeddings().weight]

@@ -101,8 +101,9 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
 
     G, micro, per_rank = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.global_batch_size // dp
     release = engine.optimizer.release_backward_leftovers if zero_stage(ds_cfg) == 3 else (lambda: None)
+    heap = launch.HostHeap(D.device)
     metrics_f = _open_metrics(out, start) if D.is_main else None
-    stats = torch.zeros(2, device=D.device)  # loss sum, tokens since the last log
+    stats = torch.zeros(2, dtype=torch.float64, device=D.device)  # loss sum, tokens since the last log
     first_bad = torch.full((), _NONE, dtype=torch.long, device=D.device)
     t_last, last_logged = time.perf_counter(), start
 
@@ -133,6 +134,7 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        heap.after_step()  # CPU, PTUNING_HOST_MALLOC=trim: return the heap pages ZeRO-3's gathers fragmented
         stats[0] += step_loss
         first_bad = torch.where(torch.isfinite(step_loss) | (first_bad != _NONE), first_bad, step)
 
@@ -175,12 +177,14 @@ def _resume(cfg, out, run, encoder, opt, sched, stream, D, say) -> int:
     sched.load_state_dict(state["scheduler"])
     stream.consumed = state["samples"]
     rngs = state["rng"]
-    if len(rngs) == D.world:
-        ckpt.set_rng_state(rngs[D.rank])
-    else:
-        ckpt.set_rng_state(rngs[0])
+    ckpt.set_rng_state(rngs[D.rank] if len(rngs) == D.world else rngs[0])
+    was_global = state["run_config"]["train"]["global_batch_size"]
+    if len(rngs) != D.world or was_global != cfg.train.global_batch_size:
+        order = ("the global sample order is kept" if was_global == cfg.train.global_batch_size else
+                 f"the global batch changes from {was_global} to {cfg.train.global_batch_size}, so the data order "
+                 "changes too (set --global_batch_size to keep it)")
         say(f"resuming a {len(rngs)}-rank checkpoint on {D.world} ranks: each rank's share of every batch and "
-            f"the per-rank RNG streams change (the global sample order is kept)")
+            f"the per-rank RNG streams change; {order}")
     say(f"resumed from {path} at step {state['step']}")
     return state["step"]
 

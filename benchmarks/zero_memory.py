@@ -1,0 +1,143 @@
+"""ZeRO-0 vs ZeRO-3 at DP=2: per-rank peak resident memory, step time, frozen bytes held.
+
+    .venv/bin/python benchmarks/zero_memory.py            # writes its section of benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/zero_memory.py --quick    # a tiny model, a few steps (smoke test)
+
+The backbone is GPT-2-small shaped (12 layers, 768 wide, random weights, word-level vocabulary
+of the bundled task), built once into a temporary directory. Each configuration runs the real
+training loop under ``torchrun --nproc_per_node 2`` with this file as the worker; each rank
+reports its own numbers, which the parent collects into a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+BEGIN, END = "<!-- zero_memory:begin -->", "<!-- zero_memory:end -->"
+
+
+def worker(args) -> None:
+    from ptuning_dist.cli import TRAIN_FLAGS, _quiet_libraries, parse_run_config
+    from ptuning_dist.train.loop import train
+
+    _quiet_libraries()
+    cfg, _ = parse_run_config(args.rest, TRAIN_FLAGS, "zero_memory")
+    rec = {"step_times": []}
+    last = [None]
+
+    class Hooks:
+        def after_setup(self, model, encoder, engine):
+            held = 0
+            for p in model.frozen.parameters():
+                local = p.ds_tensor if hasattr(p, "ds_tensor") else p
+                held += local.numel() * local.element_size()
+            rec["frozen_bytes_held"] = held
+            rec["frozen_bytes_full"] = sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
+                                           for p in model.frozen.parameters())
+            rec["rss_after_setup"] = _rss_now()
+            rec["peak_rss_after_setup"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            last[0] = time.perf_counter()
+
+        def after_backward(self, step, encoder):
+            now = time.perf_counter()
+            rec["step_times"].append(now - last[0])
+            rec["rss_last_step"] = _rss_now()
+            last[0] = now
+
+    train(cfg, log=lambda *a: None, hooks=Hooks())
+    rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(args.record, f"rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(rec))
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def build_backbone(path: Path, quick: bool) -> Path:
+    from ptuning_dist.backbone.tiny import default_backbone
+    from ptuning_dist.backbone.tiny import build_tiny
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_backbone(path / "tok"))
+    size = dict(n_embd=64, n_layer=2, n_head=4) if quick else dict(n_embd=768, n_layer=12, n_head=12)
+    return build_tiny(path / "model", "gpt2", tok, seed=0, **size)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, 3 steps; does not touch RESULTS.md")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--record", help=argparse.SUPPRESS)
+    args, rest = p.parse_known_args()
+    args.rest = rest
+    if args.worker:
+        return worker(args)
+
+    steps = 3 if args.quick else args.steps
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = build_backbone(tmp, args.quick)
+        runs = [("zero0", "mmap"), ("zero3", "mmap"), ("zero3", "trim"), ("zero3", "off")]
+        for name, malloc in runs[:2] if args.quick else runs:
+            rec_dir = tmp / f"rec_{name}_{malloc}"
+            rec_dir.mkdir()
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(_free_port()), __file__, "--worker", "--record", str(rec_dir), "--model", str(model),
+                   "--ds_config", str(ROOT / "ds_configs" / f"{name}.json"), "--output_dir", str(rec_dir / "out"),
+                   "--max_steps", str(steps), "--micro_batch_size", "8", "--global_batch_size", "16",
+                   "--log_every", str(steps)]
+            env = dict(os.environ, OMP_NUM_THREADS="1", PTUNING_HOST_MALLOC=malloc)
+            subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
+            for r in (0, 1):
+                rec = json.loads((rec_dir / f"rank{r}.json").read_text())
+                times = rec["step_times"][2:] or rec["step_times"]
+                rows.append((f"{name}, {malloc}", r, rec["peak_rss_after_setup"], rec["peak_rss_bytes"], rec["rss_last_step"],
+                             statistics.median(times), rec["frozen_bytes_held"], rec["frozen_bytes_full"]))
+    table = ["| config, PTUNING_HOST_MALLOC | rank | peak RSS after set-up (MiB) | peak RSS (MiB) | RSS at last step (MiB) | median step (s) "
+             "| frozen weights held (MiB) | of full (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    table += [f"| {n} | {r} | {p0 / 2**20:.0f} | {p1 / 2**20:.0f} | {now / 2**20:.0f} | {t:.3f} | {held / 2**20:.1f} "
+              f"| {full / 2**20:.1f} |" for n, r, p0, p1, now, t, held, full in rows]
+    print("\n".join(table))
+    if not args.quick:
+        _write_section(table, steps)
+
+
+def _write_section(table: list[str], steps: int) -> None:
+    body = [BEGIN, "## ZeRO-0 vs ZeRO-3 at DP=2 (issue 3)", "",
+            "Command: `.venv/bin/python benchmarks/zero_memory.py`", "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"CPU only (gloo), {time.strftime('%Y-%m-%d')}. GPT-2-small-shaped backbone (12 x 768, random "
+            f"weights, fp32), P-tuning LSTM encoder, global batch 16 = micro 8 x DP 2, {steps} steps; step time "
+            "is the median after 2 warm-up steps. Peak RSS includes the Python, torch and DeepSpeed runtime.",
+            "", *table, "", END]
+    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
+    if BEGIN in text:
+        text = text[: text.index(BEGIN)] + "\n".join(body) + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
+    RESULTS.write_text(text)
+
+
+def _free_port() -> int:
+    from ptuning_dist.parallel.launch import free_port
+
+    return free_port()
+
+
+if __name__ == "__main__":
+    main()
