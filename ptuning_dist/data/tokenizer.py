@@ -4,8 +4,9 @@ Pieces are tokenized separately so that prompt slots, anchors and fields never m
 boundaries and no special token is added to the vocabulary. Whether a piece needs a leading space
 is decided once by probing the tokenizer:
 
-- byte-level BPE (GPT-2, GPT-NeoX): "x" and " x" are different single tokens, so a piece that
-  follows whitespace in the template is encoded with a leading space;
+- byte-level BPE (GPT-2, GPT-NeoX): a word's leading space is part of its token ("a the" encodes
+  as "a" + " the", not "a" + "the"), so a piece that follows whitespace in the template is encoded
+  with a leading space;
 - sentencepiece (LLaMA) and word-level tokenizers: the tokenizer handles word starts itself.
 """
 from __future__ import annotations
@@ -16,9 +17,11 @@ from pathlib import Path
 class PieceTokenizer:
     def __init__(self, hf_tokenizer):
         self.hf = hf_tokenizer
-        plain = hf_tokenizer.encode("x", add_special_tokens=False)
-        spaced = hf_tokenizer.encode(" x", add_special_tokens=False)
-        self.space_prefix = len(plain) == len(spaced) and plain != spaced
+        enc = lambda t: hf_tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+        # Byte-level BPE: "a the" != "a" + "the" but == "a" + " the" (the space belongs to the word).
+        joint = enc("a the")
+        self.space_prefix = joint != enc("a") + enc("the") and joint == enc("a") + enc(" the")
+        plain = enc("x")
         full = hf_tokenizer.encode("x", add_special_tokens=True)
         bos = hf_tokenizer.bos_token_id
         self.bos_id = bos if (bos is not None and full[:1] == [bos] and plain[:1] != [bos]) else None

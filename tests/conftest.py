@@ -1,0 +1,68 @@
+"""Tiny backbones of three families, with tokenizers trained here (no hub): built once per session."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+FEWGLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fewglue"
+
+
+def fewglue_texts(limit_per_file: int = 200) -> list[str]:
+    texts = []
+    for task in ("RTE", "CB", "BoolQ", "WiC"):
+        for split in ("train", "dev32", "val"):
+            with open(FEWGLUE / task / f"{split}.jsonl") as f:
+                for i, line in enumerate(f):
+                    if i >= limit_per_file:
+                        break
+                    texts += [str(v) for v in json.loads(line).values() if isinstance(v, str)]
+    # the verbalizer and anchor words must be single tokens, as they are in real GPT-2 and LLaMA vocabularies
+    return texts + ["Answer: yes no maybe true false Question Answer capital official language the ? . :"] * 2000
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """Byte-level BPE (the GPT-2 / GPT-NeoX scheme) trained on FewGLUE text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(fewglue_texts(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(tmp_path_factory):
+    """A sentencepiece (LLaMA-style) tokenizer trained on FewGLUE text, loaded the way a LLaMA
+    checkpoint's tokenizer.model is (transformers converts it)."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    d = tmp_path_factory.mktemp("sp")
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(fewglue_texts()))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "sp"), vocab_size=1000,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=3,
+                                   minloglevel=2, num_threads=1)
+    (d / "tok").mkdir()
+    (d / "sp.model").rename(d / "tok" / "tokenizer.model")
+    return LlamaTokenizer.from_pretrained(str(d / "tok"), add_bos_token=True)
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory, bpe_tokenizer, sp_tokenizer):
+    from ptuning_dist.backbone.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("families")
+    return {
+        "gpt2": build_tiny(root / "gpt2", "gpt2", bpe_tokenizer, seed=0, initializer_range=0.2),
+        "llama": build_tiny(root / "llama", "llama", sp_tokenizer, seed=0, initializer_range=0.2),
+        "gpt_neox": build_tiny(root / "gpt_neox", "gpt_neox", bpe_tokenizer, seed=0, initializer_range=0.2),
+    }
