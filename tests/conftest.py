@@ -66,3 +66,21 @@ def family_dirs(tmp_path_factory, bpe_tokenizer, sp_tokenizer):
         "llama": build_tiny(root / "llama", "llama", sp_tokenizer, seed=0, initializer_range=0.2),
         "gpt_neox": build_tiny(root / "gpt_neox", "gpt_neox", bpe_tokenizer, seed=0, initializer_range=0.2),
     }
+
+
+@pytest.fixture(scope="session")
+def word_piece(tmp_path_factory):
+    """The embedded default's word-level tokenizer, as the trainer sees it."""
+    from ptuning_dist.backbone.tiny import default_backbone
+    from ptuning_dist.data.tokenizer import PieceTokenizer
+
+    return PieceTokenizer.from_dir(default_backbone(tmp_path_factory.mktemp("word") / "backbone"))
+
+
+@pytest.fixture(scope="session")
+def bpe_piece(family_dirs):
+    from transformers import AutoTokenizer
+
+    from ptuning_dist.data.tokenizer import PieceTokenizer
+
+    return PieceTokenizer(AutoTokenizer.from_pretrained(family_dirs["gpt2"]))

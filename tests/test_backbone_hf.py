@@ -10,6 +10,7 @@ from ptuning_dist.backbone.hf import HFBackbone, fingerprint
 from ptuning_dist.data.collate import Example, collate
 from ptuning_dist.errors import ConfigError
 from ptuning_dist.model import PTuningModel
+from ptuning_dist.ops.splice import splice_reference
 from ptuning_dist.prompt.encoder import PromptEncoder
 from ptuning_dist.prompt.template import Encoded
 
@@ -28,6 +29,13 @@ def ragged_batch(V: int, pad: int) -> tuple:
     return collate(rows, pad), rows
 
 
+def hf_logits(hf, bb, batch, table):
+    """Hugging Face's own forward (full B x S x V logits) on our spliced embeddings."""
+    embeds = splice_reference(batch.ids_BS, batch.prompt_rows_N, batch.prompt_pos_N, batch.prompt_slots_N,
+                              bb.word_embeddings_VH, table)
+    return hf(inputs_embeds=embeds, attention_mask=batch.attention_mask_BS).logits
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_equals_hf_and_head_at_targets(family_dirs, family):
     bb = HFBackbone.from_pretrained(family_dirs[family])
@@ -38,12 +46,8 @@ def test_forward_equals_hf_and_head_at_targets(family_dirs, family):
     enc = PromptEncoder("lstm", 3, bb.hidden_size)
     model = PTuningModel(bb, enc, None)
     table = enc()
-    from ptuning_dist.ops.splice import splice_reference
-
-    embeds = splice_reference(batch.ids_BS, batch.prompt_rows_N, batch.prompt_pos_N, batch.prompt_slots_N,
-                              bb.word_embeddings_VH, table)
     with torch.no_grad():
-        full = hf(inputs_embeds=embeds, attention_mask=batch.attention_mask_BS).logits  # B x S x V
+        full = hf_logits(hf, bb, batch, table)  # B x S x V
         ours = model.logits(batch, table)  # B x V, only at the target positions
     at_target = full[torch.arange(3), batch.target_pos_B]
     assert batch.target_pos_B.tolist() == [8, 5, 3]  # the last real token of each row
@@ -61,13 +65,9 @@ def test_loss_position_is_the_scored_position(family_dirs, family):
     batch, _ = ragged_batch(bb.word_embeddings_VH.shape[0], pad=0)
     enc = PromptEncoder("mlp", 3, bb.hidden_size)
     model = PTuningModel(bb, enc, None)
-    from ptuning_dist.ops.splice import splice_reference
-
     with torch.no_grad():
         table = enc()
-        embeds = splice_reference(batch.ids_BS, batch.prompt_rows_N, batch.prompt_pos_N, batch.prompt_slots_N,
-                                  bb.word_embeddings_VH, table)
-        full = hf(inputs_embeds=embeds, attention_mask=batch.attention_mask_BS).logits
+        full = hf_logits(hf, bb, batch, table)
         loss = model.loss(batch, table)
         rows = torch.arange(3)
         want = F.cross_entropy(full[rows, batch.target_pos_B], batch.label_B)

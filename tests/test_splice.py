@@ -1,13 +1,10 @@
 """The reference splice: values, gradients only to the table, variable prompt counts."""
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from ptuning_dist.backbone.tiny import default_backbone
 from ptuning_dist.data.collate import Example, collate
-from ptuning_dist.data.tokenizer import PieceTokenizer
 from ptuning_dist.ops.splice import splice_reference
 from ptuning_dist.prompt.template import Template
 
@@ -53,12 +50,8 @@ def test_table_cast_to_backbone_dtype_gradient_stays_fp32():
     assert table.grad.dtype == torch.float32
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return PieceTokenizer.from_dir(default_backbone(tmp_path_factory.mktemp("s") / "b"))
-
-
-def test_pseudo_tokens_never_index_the_vocabulary(tok):
+def test_pseudo_tokens_never_index_the_vocabulary(word_piece):
+    tok = word_piece
     """Prompt positions carry the pad id from the template, and the plan comes from the loader."""
     t = Template("[P*2] {sub_label} [P] is [MASK]")
     rows = [t.encode({"sub_label": s}, "Paris", tok, 32, "r") for s in ("France", "Germany")]

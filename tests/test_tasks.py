@@ -4,12 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer
-
-from ptuning_dist.backbone.tiny import default_backbone
 from ptuning_dist.data.collate import Example, SampleStream, build_candidates, collate, encode_rows
 from ptuning_dist.data.tasks import LamaTask, build_task
-from ptuning_dist.data.tokenizer import PieceTokenizer
 from ptuning_dist.errors import DataError, TemplateError
 from ptuning_dist.prompt.template import Template
 
@@ -17,13 +13,13 @@ from conftest import FEWGLUE
 
 
 @pytest.fixture(scope="module")
-def bpe(family_dirs):
-    return PieceTokenizer(AutoTokenizer.from_pretrained(family_dirs["gpt2"]))
+def bpe(bpe_piece):
+    return bpe_piece
 
 
 @pytest.fixture(scope="module")
-def word(tmp_path_factory):
-    return PieceTokenizer.from_dir(default_backbone(tmp_path_factory.mktemp("t") / "b"))
+def word(word_piece):
+    return word_piece
 
 
 EXPECTED = {"rte": (32, 32, 277), "cb": (32, 32, 56), "boolq": (32, 32, 3270), "wic": (32, 32, 638)}

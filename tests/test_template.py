@@ -4,20 +4,19 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from ptuning_dist.backbone.tiny import default_backbone
 from ptuning_dist.data.tokenizer import PieceTokenizer
 from ptuning_dist.errors import TemplateError
 from ptuning_dist.prompt.template import Template, parse
 
 
 @pytest.fixture(scope="module")
-def word_tok(tmp_path_factory):
-    return PieceTokenizer.from_dir(default_backbone(tmp_path_factory.mktemp("w") / "b"))
+def word_tok(word_piece):
+    return word_piece
 
 
 @pytest.fixture(scope="module")
-def bpe(family_dirs):
-    return PieceTokenizer(AutoTokenizer.from_pretrained(family_dirs["gpt2"]))
+def bpe(bpe_piece):
+    return bpe_piece
 
 
 @pytest.fixture(scope="module")
