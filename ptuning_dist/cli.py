@@ -37,6 +37,10 @@ TRAIN_FLAGS = {
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if not torch.cuda.is_available():  # say it, so DeepSpeed does not warn on every rank that it guessed
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         from transformers.utils import logging as hf_logging
 

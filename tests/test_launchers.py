@@ -75,6 +75,7 @@ def test_superglue_tasks_run_from_the_launcher(default_run, tmp_path):
     (["--task", "squad"], "data.task: unknown task"),
     (["--micro_batch_size", 3, "--global_batch_size", 8], "train.global_batch_size"),
     (["--relations", "P999"], "data.relations"),
+    (["--tp", 2], "parallel.tp = 2"),
 ])
 def test_bad_input_is_a_clear_error(default_run, tmp_path, args, needle):
     p = launch("train", "--model", default_run / "default_backbone", "--output_dir", tmp_path / "o", *args, ok=False)

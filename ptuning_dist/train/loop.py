@@ -31,6 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ptuning_dist.config import RunConfig
+from ptuning_dist.errors import ConfigError
 from ptuning_dist.data.collate import SampleStream, collate
 from ptuning_dist.evaluate import evaluate
 from ptuning_dist.parallel import launch
@@ -61,6 +62,9 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
 
     ``hooks`` (for tests and diagnostics) may define ``after_setup(model, encoder, engine)`` and
     ``after_backward(step, encoder)`` (encoder gradients final, before clipping and the update)."""
+    if cfg.parallel.tp * cfg.parallel.pp > 1:
+        raise ConfigError(f"parallel.tp = {cfg.parallel.tp}, parallel.pp = {cfg.parallel.pp}: tensor and pipeline "
+                          "parallelism need the megatron-core backbone, which is not implemented yet; use tp = pp = 1")
     _, world = launch.env_world()
     dp, accum = cfg.check_layout(world)
     ds_cfg = None
