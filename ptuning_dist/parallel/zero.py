@@ -54,6 +54,11 @@ def shard_frozen(model: PTuningModel, ds_cfg: dict):
             if id(p) not in seen:
                 seen.add(id(p))
                 deepspeed.zero.register_external_parameter(frozen, p)
+        dp = engine.dp_world_size
+        wrong = [(n, full, local) for n, full, local in partition_sizes(frozen) if local != -(-full // dp)]
+        if wrong:  # once at start-up: a backbone left whole would silently cost DP x the memory
+            raise RuntimeError(f"ZeRO-3 did not partition {len(wrong)} frozen parameters over {dp} ranks, "
+                               f"e.g. {wrong[0][0]}: {wrong[0][2]} of {wrong[0][1]} elements held")
     return engine
 
 
