@@ -1,0 +1,86 @@
+"""megatron-core 0.16 on CPU: the CUDA assumptions it makes, bypassed in one place.
+
+Applied by ``enable()`` only when there is no GPU; each patch checks that the upstream object it
+replaces still looks as expected (``tests/test_megatron.py`` fails if megatron-core changes them).
+
+1. ``GlobalMemoryBuffer.get_tensor`` allocates its scratch buffer on ``torch.cuda.current_device()``
+   (used by the local-spec attention for its baddbmm input): allocate on the CPU instead.
+2. The model-parallel RNG tracker (``get_cuda_rng_tracker``) forks the CUDA generator around
+   attention dropout and weight init: a CPU tracker forks the CPU generator the same way (a named
+   state per stream, restored after the ``with`` block), so seeded runs stay reproducible.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_ENABLED = False
+
+
+class CpuRNGStatesTracker:
+    """The subset of megatron's CudaRNGStatesTracker the models use, on the CPU generator."""
+
+    def __init__(self):
+        self.states_: dict[str, torch.Tensor] = {}
+
+    def is_initialized(self) -> bool:
+        return bool(self.states_)
+
+    def reset(self) -> None:
+        self.states_ = {}
+
+    def get_states(self) -> dict:
+        return {k: v.clone() for k, v in self.states_.items()}
+
+    def set_states(self, states: dict) -> None:
+        self.states_ = {k: v.clone() for k, v in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            self.add(name, 1234)  # a deterministic stream even when nobody seeded it
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+_TRACKER = CpuRNGStatesTracker()
+
+
+def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+    import operator
+    from functools import reduce
+
+    required_len = reduce(operator.mul, tensor_shape, 1)
+    buf = self.buffer.get((name, dtype))
+    if buf is None or buf.numel() < required_len:
+        buf = self.buffer[(name, dtype)] = torch.empty(required_len, dtype=dtype, requires_grad=False)
+    return buf[0:required_len].view(*tensor_shape)
+
+
+def enable() -> bool:
+    """Patch megatron-core for CPU execution (no-op with a GPU). Returns whether it patched."""
+    global _ENABLED
+    if _ENABLED or torch.cuda.is_available():
+        return _ENABLED
+    from megatron.core import tensor_parallel, utils
+    from megatron.core.tensor_parallel import layers, random
+
+    assert hasattr(utils.GlobalMemoryBuffer, "get_tensor"), "megatron-core changed GlobalMemoryBuffer"
+    utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
+    for mod in (random, tensor_parallel, layers):
+        assert hasattr(mod, "get_cuda_rng_tracker"), f"megatron-core moved get_cuda_rng_tracker out of {mod}"
+        mod.get_cuda_rng_tracker = lambda *a, **k: _TRACKER
+    _ENABLED = True
+    return True

@@ -1,0 +1,49 @@
+"""Under torchrun with TP = world size: the imported megatron GPT-2 on the same input embeddings
+as Hugging Face's own model; rank 0 writes the largest logit difference at the target positions.
+
+    torchrun --nproc_per_node 2 tests/megatron_worker.py HF_DIR OUT.json
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main():
+    hf_dir, out = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    from megatron.core import parallel_state as ps
+    from transformers import AutoModelForCausalLM
+
+    from ptuning_dist.backbone.megatron import MegatronBackbone
+
+    tp = dist.get_world_size()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    bb = MegatronBackbone.from_hf_gpt2(hf)
+    g = torch.Generator().manual_seed(0)
+    V, H = hf.config.vocab_size, hf.config.n_embd
+    ids = torch.randint(0, V, (3, 7), generator=g)
+    embeds = hf.get_input_embeddings().weight[ids] + 0.1 * torch.randn(3, 7, H, generator=g)  # "spliced"
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 3:] = 0
+    target = torch.tensor([6, 4, 2])
+    with torch.no_grad():
+        shard = bb.head_shard(bb.hidden_at(embeds, mask, target))
+        parts = [torch.empty_like(shard) for _ in range(tp)]
+        dist.all_gather(parts, shard)
+        ours = torch.cat(parts, dim=-1)[:, :V]
+        ref = hf(inputs_embeds=embeds, attention_mask=mask).logits[torch.arange(3), target]
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps({"max_abs_diff": float((ours - ref).abs().max()), "tp": tp,
+                                         "shard_rows": bb.gpt.embedding.word_embeddings.weight.shape[0]}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
