@@ -24,9 +24,9 @@ def main():
     tp = dist.get_world_size()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    bb = MegatronBackbone.from_hf_gpt2(hf)
+    bb = MegatronBackbone.from_hf(hf)
     g = torch.Generator().manual_seed(0)
-    V, H = hf.config.vocab_size, hf.config.n_embd
+    V, H = hf.config.vocab_size, hf.config.hidden_size
     ids = torch.randint(0, V, (3, 7), generator=g)
     embeds = hf.get_input_embeddings().weight[ids] + 0.1 * torch.randn(3, 7, H, generator=g)  # "spliced"
     mask = torch.ones(3, 7, dtype=torch.long)
@@ -41,6 +41,7 @@ def main():
         ref = hf(inputs_embeds=embeds, attention_mask=mask).logits[torch.arange(3), target]
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps({"max_abs_diff": float((ours - ref).abs().max()), "tp": tp,
+                                         "ref_scale": float(ref.abs().max()),
                                          "shard_rows": bb.gpt.embedding.word_embeddings.weight.shape[0]}))
     dist.destroy_process_group()
 

@@ -1,9 +1,9 @@
 """A frozen megatron-core GPTModel (local layer spec) behind the same small interface as the HF
 backbone, and a table-driven Hugging Face importer that shards for tensor parallelism at load.
 
-Status (issue 4, in progress): GPT-2 style models (learned positions, GELU-tanh, LayerNorm, fused
-QKV) at any TP size on a single pipeline stage. Not yet: LLaMA style (RMSNorm, SwiGLU, RoPE, GQA),
-pipeline stages, ZeRO-3 within the DP group, and the launcher wiring.
+Status (issue 4, in progress): GPT-2 style (learned positions, GELU-tanh, LayerNorm, fused QKV)
+and LLaMA style (RMSNorm, SwiGLU, RoPE, grouped-query attention) at any TP size on a single
+pipeline stage. Not yet: pipeline stages, ZeRO-3 within the DP group, the launcher wiring.
 
 Layout facts the importer encodes:
 - HF GPT-2 stores Conv1D weights transposed (in x out): every linear weight is transposed.
@@ -12,6 +12,10 @@ Layout facts the importer encodes:
   Rows are regrouped per head, so splitting rows into TP chunks gives each rank whole heads.
 - Column-parallel weights (qkv, fc1) split their output rows; row-parallel weights (proj, fc2)
   split their input columns and keep the full bias (added once, after the all-reduce).
+- LLaMA: q, k, v are separate in HF; megatron's rows go per query group g: [the q heads of g, k_g,
+  v_g], so TP chunks hold whole groups. ``linear_fc1`` is [gate; up]: gate and up are split across
+  TP separately and each rank stacks its own halves (splitting the fused matrix would hand one rank
+  all of gate and the other all of up: a silent wrong answer).
 - The word embeddings are vocabulary-parallel (rows split); the vocabulary is padded with zero
   rows to a multiple of TP. The LM head is tied to them.
 """
@@ -56,6 +60,15 @@ GPT2_GLOBAL = [
 ]
 
 
+LLAMA_LAYER = [
+    ("input_layernorm.weight", "input_layernorm.weight", None, None),
+    ("self_attention.linear_proj.weight", "self_attn.o_proj.weight", None, 1),
+    ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight", None, None),
+    ("mlp.linear_fc2.weight", "mlp.down_proj.weight", None, 1),
+]
+LLAMA_GLOBAL = [("decoder.final_layernorm.weight", "model.norm.weight", None, None)]
+
+
 def padded_vocab(vocab: int, tp: int) -> int:
     return -(-vocab // tp) * tp
 
@@ -80,6 +93,47 @@ def gpt2_to_megatron(hf_state: dict, hf_config, tp: int, rank: int) -> dict:
     pad = padded_vocab(wte.shape[0], tp) - wte.shape[0]
     out["embedding.word_embeddings.weight"] = shard(F.pad(wte, (0, 0, 0, pad)), 0)
     return out
+
+
+def llama_to_megatron(hf_state: dict, hf_config, tp: int, rank: int) -> dict:
+    """This TP rank's shard of a megatron GPTModel state dict from an HF LLaMA state dict."""
+    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if heads % tp or groups % tp:
+        raise ConfigError(f"parallel.tp = {tp} must divide the {heads} heads and {groups} key/value groups")
+    hn = hf_config.hidden_size // heads
+
+    def shard(w, dim):
+        return w if dim is None else w.chunk(tp, dim=dim)[rank].contiguous()
+
+    out = {m: shard(hf_state[h], d) for m, h, _, d in LLAMA_GLOBAL}
+    for i in range(hf_config.num_hidden_layers):
+        pre, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
+        out.update({pre + m: shard(hf_state[hf + h], d) for m, h, _, d in LLAMA_LAYER})
+        q = hf_state[hf + "self_attn.q_proj.weight"].reshape(groups, heads // groups * hn, -1)
+        k = hf_state[hf + "self_attn.k_proj.weight"].reshape(groups, hn, -1)
+        v = hf_state[hf + "self_attn.v_proj.weight"].reshape(groups, hn, -1)
+        qkv = torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])  # per group: [q heads, k, v]
+        out[pre + "self_attention.linear_qkv.weight"] = shard(qkv, 0)
+        gate, up = hf_state[hf + "mlp.gate_proj.weight"], hf_state[hf + "mlp.up_proj.weight"]
+        out[pre + "mlp.linear_fc1.weight"] = torch.cat([shard(gate, 0), shard(up, 0)], dim=0)
+    vpad = padded_vocab(hf_config.vocab_size, tp) - hf_config.vocab_size
+    out["embedding.word_embeddings.weight"] = shard(F.pad(hf_state["model.embed_tokens.weight"], (0, 0, 0, vpad)), 0)
+    if not hf_config.tie_word_embeddings:
+        out["output_layer.weight"] = shard(F.pad(hf_state["lm_head.weight"], (0, 0, 0, vpad)), 0)
+    return out
+
+
+def llama_megatron_config(hf_config, dtype=torch.float32):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
+        num_attention_heads=hf_config.num_attention_heads, num_query_groups=hf_config.num_key_value_heads,
+        ffn_hidden_size=hf_config.intermediate_size, layernorm_epsilon=hf_config.rms_norm_eps,
+        add_bias_linear=False, normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not torch.cuda.is_available(),
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        tensor_model_parallel_size=_tp_size())
 
 
 def gpt2_megatron_config(hf_config, dtype=torch.float32):
@@ -115,7 +169,8 @@ class MegatronBackbone(nn.Module):
         self.hidden_size = gpt.config.hidden_size
 
     @classmethod
-    def from_hf_gpt2(cls, hf_model, dtype=torch.float32) -> "MegatronBackbone":
+    def from_hf(cls, hf_model, dtype=torch.float32) -> "MegatronBackbone":
+        """Import a Hugging Face GPT-2 or LLaMA model, sharded for this rank's TP position."""
         from megatron.core import parallel_state as ps
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -125,26 +180,46 @@ class MegatronBackbone(nn.Module):
         megatron_cpu.enable()
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         cfg = hf_model.config
-        gpt = GPTModel(gpt2_megatron_config(cfg, dtype), get_gpt_layer_local_spec(),
-                       vocab_size=padded_vocab(cfg.vocab_size, tp), max_sequence_length=cfg.n_positions,
-                       position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)
-        state = gpt2_to_megatron({k: v.to(dtype) for k, v in hf_model.state_dict().items()}, cfg, tp, rank)
-        missing, unexpected = gpt.load_state_dict(state, strict=False)
+        state = {k: v.to(dtype) for k, v in hf_model.state_dict().items()}
+        if cfg.model_type == "gpt2":
+            tcfg, spec = gpt2_megatron_config(cfg, dtype), get_gpt_layer_local_spec()
+            kw = dict(max_sequence_length=cfg.n_positions, position_embedding_type="learned_absolute",
+                      share_embeddings_and_output_weights=True)
+            shard = gpt2_to_megatron(state, cfg, tp, rank)
+        elif cfg.model_type == "llama":
+            tcfg, spec = llama_megatron_config(cfg, dtype), get_gpt_layer_local_spec(normalization="RMSNorm")
+            kw = dict(max_sequence_length=cfg.max_position_embeddings, position_embedding_type="rope",
+                      rotary_base=getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"],
+                      share_embeddings_and_output_weights=bool(cfg.tie_word_embeddings))
+            shard = llama_to_megatron(state, cfg, tp, rank)
+        else:
+            raise ConfigError(f"no megatron importer for model_type {cfg.model_type!r} (gpt2, llama)")
+        gpt = GPTModel(tcfg, spec, vocab_size=padded_vocab(cfg.vocab_size, tp), **kw)
+        missing, unexpected = gpt.load_state_dict(shard, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise ConfigError(f"HF -> megatron import: missing {missing}, unexpected {unexpected}")
         return cls(gpt, cfg.vocab_size)
 
     def hidden_at(self, embeds_BSH, attention_mask_BS, target_pos_B) -> torch.Tensor:
-        """Word embeddings + learned positions -> [s, b, h] decoder input -> hidden at targets.
-        Right padding lies after every target, so the causal mask alone is exact there."""
+        """Word embeddings (+ learned positions, or RoPE inside attention) -> [s, b, h] decoder
+        input -> hidden at targets. Right padding lies after every target, so the causal mask
+        alone is exact there."""
         B, S, _ = embeds_BSH.shape
-        pos_SH = self.gpt.embedding.position_embeddings.weight[:S]
-        decoder_input_SBH = (embeds_BSH + pos_SH.unsqueeze(0)).transpose(0, 1).contiguous()
+        rope = None
+        if self.gpt.position_embedding_type == "rope":
+            rope = self.gpt.rotary_pos_emb(S)
+        else:
+            embeds_BSH = embeds_BSH + self.gpt.embedding.position_embeddings.weight[:S].unsqueeze(0)
+        decoder_input_SBH = embeds_BSH.transpose(0, 1).contiguous()
         causal = torch.triu(torch.ones(1, 1, S, S, dtype=torch.bool, device=embeds_BSH.device), diagonal=1)
-        hidden_SBH = self.gpt.decoder(hidden_states=decoder_input_SBH, attention_mask=causal)
+        hidden_SBH = self.gpt.decoder(hidden_states=decoder_input_SBH, attention_mask=causal, rotary_pos_emb=rope)
         return hidden_SBH[target_pos_B, torch.arange(B, device=embeds_BSH.device)]
 
     def head_shard(self, hidden_BH: torch.Tensor) -> torch.Tensor:
-        """This TP rank's slice of the vocabulary logits (the tied, vocabulary-parallel table)."""
-        return F.linear(hidden_BH, self.gpt.embedding.word_embeddings.weight).float()
+        """This TP rank's slice of the vocabulary logits (tied or own vocabulary-parallel table)."""
+        if self.gpt.share_embeddings_and_output_weights:
+            weight = self.gpt.embedding.word_embeddings.weight
+        else:
+            weight = self.gpt.output_layer.weight
+        return F.linear(hidden_BH, weight).float()

@@ -5,7 +5,9 @@ replaces still looks as expected (``tests/test_megatron.py`` fails if megatron-c
 
 1. ``GlobalMemoryBuffer.get_tensor`` allocates its scratch buffer on ``torch.cuda.current_device()``
    (used by the local-spec attention for its baddbmm input): allocate on the CPU instead.
-2. The model-parallel RNG tracker (``get_cuda_rng_tracker``) forks the CUDA generator around
+2. ``RotaryEmbedding.get_emb`` moves ``inv_freq`` to ``torch.cuda.current_device()`` on first use:
+   the same computation, left on the CPU.
+3. The model-parallel RNG tracker (``get_cuda_rng_tracker``) forks the CUDA generator around
    attention dropout and weight init: a CPU tracker forks the CPU generator the same way (a named
    state per stream, restored after the ``with`` block), so seeded runs stay reproducible.
 """
@@ -69,16 +71,28 @@ def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
     return buf[0:required_len].view(*tensor_shape)
 
 
+def _cpu_get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+    freqs = self.get_freqs_non_repeated(max_seq_len, offset)
+    if not self.rotary_interleaved:
+        emb = torch.cat((freqs, freqs), dim=-1)
+    else:
+        emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
+    return emb[:, None, None, :]  # [seq, 1, 1, dim], as upstream
+
+
 def enable() -> bool:
     """Patch megatron-core for CPU execution (no-op with a GPU). Returns whether it patched."""
     global _ENABLED
     if _ENABLED or torch.cuda.is_available():
         return _ENABLED
     from megatron.core import tensor_parallel, utils
+    from megatron.core.models.common.embeddings import rotary_pos_embedding as rope
     from megatron.core.tensor_parallel import layers, random
 
     assert hasattr(utils.GlobalMemoryBuffer, "get_tensor"), "megatron-core changed GlobalMemoryBuffer"
     utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
+    assert hasattr(rope.RotaryEmbedding, "get_freqs_non_repeated"), "megatron-core changed RotaryEmbedding"
+    rope.RotaryEmbedding.get_emb = _cpu_get_emb
     for mod in (random, tensor_parallel, layers):
         assert hasattr(mod, "get_cuda_rng_tracker"), f"megatron-core moved get_cuda_rng_tracker out of {mod}"
         mod.get_cuda_rng_tracker = lambda *a, **k: _TRACKER
