@@ -12,56 +12,46 @@ from ptuning_dist.prompt.template import Template
 from conftest import FEWGLUE
 
 
-@pytest.fixture(scope="module")
-def bpe(bpe_piece):
-    return bpe_piece
-
-
-@pytest.fixture(scope="module")
-def word(word_piece):
-    return word_piece
-
-
 EXPECTED = {"rte": (32, 32, 277), "cb": (32, 32, 56), "boolq": (32, 32, 3270), "wic": (32, 32, 638)}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_fewglue_loads_and_tokenizes(name, bpe):
+def test_fewglue_loads_and_tokenizes(name, bpe_piece):
     task = build_task(name, FEWGLUE / {"rte": "RTE", "cb": "CB", "boolq": "BoolQ", "wic": "WiC"}[name])
     counts = tuple(len(task.rows(s)) for s in ("train", "dev32", "val"))
     assert counts == EXPECTED[name]
     t = Template(task.default_template, fields=task.fields)
-    cands = build_candidates(task, bpe, None)
+    cands = build_candidates(task, bpe_piece, None)
     assert cands.names == list(task.verbalizer) and len(set(cands.ids)) == len(cands.ids)
-    ex = encode_rows(task.rows("val")[:300], lambda r: t, bpe, 256, cands)
+    ex = encode_rows(task.rows("val")[:300], lambda r: t, bpe_piece, 256, cands)
     assert all(len(e.enc.ids) <= 256 and len(e.enc.prompt_pos) == t.n_prompt for e in ex)
     assert {e.label for e in ex} <= set(range(len(cands.ids)))
     if name == "boolq":
         assert any(e.enc.truncated > 0 for e in ex)  # long passages are cut, slots kept
 
 
-def test_default_task_loads_from_the_package(word):
+def test_default_task_loads_from_the_package(word_piece):
     task = build_task("default")
     assert task.relations == ["P36", "P37"] and len(task.rows("train")) == 48
     assert task.manual_template("P36") == "The capital of {sub_label} is [MASK] ."
-    cands = build_candidates(task, word, None)  # the default task scores all objects
+    cands = build_candidates(task, word_piece, None)  # the default task scores all objects
     objects = {r.target for s in ("train", "dev", "test") for r in task.rows(s)}
     assert len(cands.ids) == len(objects)
-    assert build_candidates(task, word, "full").ids is None
+    assert build_candidates(task, word_piece, "full").ids is None
 
 
-def test_allowed_vocab_files(word, tmp_path):
+def test_allowed_vocab_files(word_piece, tmp_path):
     task = build_task("default")
     (tmp_path / "v.json").write_text(json.dumps(["Paris", "Rome", "New Delhi", "Berlin"]))
     (tmp_path / "v.txt").write_text("Paris\nRome\nBerlin\n")
-    a = build_candidates(task, word, str(tmp_path / "v.json"))
-    b = build_candidates(task, word, str(tmp_path / "v.txt"))
+    a = build_candidates(task, word_piece, str(tmp_path / "v.json"))
+    b = build_candidates(task, word_piece, str(tmp_path / "v.txt"))
     assert a.ids == b.ids and len(a.ids) == 3  # 'New Delhi' is two tokens: left out
     row = [r for r in task.rows("train") if r.target not in ("Paris", "Rome", "Berlin")][0]
     with pytest.raises(TemplateError, match=f"{row.where}: target .* not in the allowed vocabulary"):
-        encode_rows([row], lambda r: Template("[P] {sub_label} [MASK]"), word, 32, a)
+        encode_rows([row], lambda r: Template("[P] {sub_label} [MASK]"), word_piece, 32, a)
     with pytest.raises(DataError, match="data.allowed_vocab: file not found"):
-        build_candidates(task, word, str(tmp_path / "nope.txt"))
+        build_candidates(task, word_piece, str(tmp_path / "nope.txt"))
 
 
 def test_bad_data_errors_name_file_and_line(tmp_path):
@@ -101,10 +91,10 @@ def test_sample_stream_is_deterministic_permutations():
     assert c.take(12) == first[13:25]
 
 
-def test_collate_pads_dynamically(word):
+def test_collate_pads_dynamically(word_piece):
     t = Template("[P] {sub_label} [P*2] [MASK]")
-    rows = [t.encode({"sub_label": s}, "Paris", word, 32, "r") for s in ("France", "France France France")]
-    b = collate([Example(e, 3, "P36") for e in rows], word.pad_id)
+    rows = [t.encode({"sub_label": s}, "Paris", word_piece, 32, "r") for s in ("France", "France France France")]
+    b = collate([Example(e, 3, "P36") for e in rows], word_piece.pad_id)
     assert b.ids_BS.shape == (2, 6) and b.attention_mask_BS.tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
     assert b.target_pos_B.tolist() == [3, 5] and b.n_tokens == 10
     assert list(zip(b.prompt_rows_N.tolist(), b.prompt_pos_N.tolist(), b.prompt_slots_N.tolist())) == [
