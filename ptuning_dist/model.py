@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptuning_dist.data.collate import Batch
-from ptuning_dist.ops.splice import splice_reference
+from ptuning_dist.ops.splice import insert_prompt_rows, splice_reference
 
 
 class FrozenLM(nn.Module):
@@ -33,8 +33,12 @@ class FrozenLM(nn.Module):
 
     def forward(self, ids_BS, attention_mask_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, target_pos_B,
                 table_MH):
-        embeds_BSH = splice_reference(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N,
-                                      self.backbone.word_embeddings_VH, table_MH)
+        if hasattr(self.backbone, "embed"):  # a vocabulary-parallel lookup (megatron backbone)
+            embeds_BSH = insert_prompt_rows(self.backbone.embed(ids_BS), prompt_rows_N, prompt_pos_N,
+                                            prompt_slots_N, table_MH)
+        else:
+            embeds_BSH = splice_reference(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N,
+                                          self.backbone.word_embeddings_VH, table_MH)
         hidden_BH = self.backbone.hidden_at(embeds_BSH, attention_mask_BS, target_pos_B)
         return self.backbone.head(hidden_BH, self.candidate_ids_K)
 

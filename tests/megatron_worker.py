@@ -33,14 +33,22 @@ def main():
     mask[1, 5:] = 0
     mask[2, 3:] = 0
     target = torch.tensor([6, 4, 2])
+    cands = torch.tensor([0, V - 1, V // 2, 7])  # both ends of the vocabulary, so of each TP shard
     with torch.no_grad():
-        shard = bb.head_shard(bb.hidden_at(embeds, mask, target))
+        hidden = bb.hidden_at(embeds, mask, target)
+        shard = bb.head_shard(hidden)
         parts = [torch.empty_like(shard) for _ in range(tp)]
         dist.all_gather(parts, shard)
         ours = torch.cat(parts, dim=-1)[:, :V]
         ref = hf(inputs_embeds=embeds, attention_mask=mask).logits[torch.arange(3), target]
+        head_full = bb.head(hidden, None)
+        head_cands = bb.head(hidden, cands)
+        embed_diff = (bb.embed(ids) - hf.get_input_embeddings().weight[ids]).abs().max()
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps({"max_abs_diff": float((ours - ref).abs().max()), "tp": tp,
+                                         "head_full_diff": float((head_full - ref).abs().max()),
+                                         "head_cands_diff": float((head_cands - ref[:, cands]).abs().max()),
+                                         "embed_diff": float(embed_diff),
                                          "ref_scale": float(ref.abs().max()),
                                          "shard_rows": bb.gpt.embedding.word_embeddings.weight.shape[0]}))
     dist.destroy_process_group()

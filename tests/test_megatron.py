@@ -54,3 +54,4 @@ def test_megatron_forward_equals_hf(family_dirs, tmp_path, tp, family):
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["tp"] == tp and res["max_abs_diff"] < 2e-5, res  # seen: <= 3.1e-6
+    assert res["head_full_diff"] < 2e-5 and res["head_cands_diff"] < 2e-5 and res["embed_diff"] == 0, res

@@ -156,6 +156,12 @@ def _tp_size() -> int:
     return ps.get_tensor_model_parallel_world_size()
 
 
+def _tp_rank() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank()
+
+
 class MegatronBackbone(nn.Module):
     """Frozen GPTModel (one pipeline stage holding all layers), fed spliced embeddings."""
 
@@ -216,10 +222,52 @@ class MegatronBackbone(nn.Module):
         hidden_SBH = self.gpt.decoder(hidden_states=decoder_input_SBH, attention_mask=causal, rotary_pos_emb=rope)
         return hidden_SBH[target_pos_B, torch.arange(B, device=embeds_BSH.device)]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gpt.embedding.word_embeddings.weight.dtype
+
+    def _vocab_range(self) -> tuple[int, int]:
+        rows = self.gpt.embedding.word_embeddings.weight.shape[0]
+        start = _tp_rank() * rows
+        return start, start + rows
+
+    def embed(self, ids_BS: torch.Tensor) -> torch.Tensor:
+        """Full word embeddings on every TP rank: each looks up the ids in its vocabulary shard,
+        zeros elsewhere, then a sum over the TP group. The table is frozen, so no gradient path is
+        needed through this all-reduce (the prompt rows are inserted after it)."""
+        from megatron.core import parallel_state as ps
+
+        weight = self.gpt.embedding.word_embeddings.weight.detach()
+        start, end = self._vocab_range()
+        local = (ids_BS >= start) & (ids_BS < end)
+        embeds_BSH = F.embedding((ids_BS - start).clamp(0, end - start - 1), weight) * local.unsqueeze(-1)
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(embeds_BSH, group=ps.get_tensor_model_parallel_group())
+        return embeds_BSH
+
+    def head(self, hidden_BH: torch.Tensor, candidate_ids_K: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (fp32) over the candidates (each TP rank scores those in its shard, then a sum
+        whose backward is the identity), or over the whole real vocabulary (gathered shards)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+        from torch.distributed.nn.functional import all_gather
+
+        weight = self._head_weight()
+        if candidate_ids_K is None:  # B x V: only B rows, so gathering the shards is cheap
+            shard_BV = F.linear(hidden_BH, weight)
+            if ps.get_tensor_model_parallel_world_size() > 1:
+                shard_BV = torch.cat(all_gather(shard_BV, group=ps.get_tensor_model_parallel_group()), dim=-1)
+            return shard_BV[:, : self.vocab_size].float()
+        start, end = self._vocab_range()
+        local = (candidate_ids_K >= start) & (candidate_ids_K < end)
+        rows = weight[(candidate_ids_K - start).clamp(0, end - start - 1)] * local.unsqueeze(-1)
+        return reduce_from_tensor_model_parallel_region(F.linear(hidden_BH, rows)).float()
+
+    def _head_weight(self) -> torch.Tensor:
+        if self.gpt.share_embeddings_and_output_weights:
+            return self.gpt.embedding.word_embeddings.weight
+        return self.gpt.output_layer.weight
+
     def head_shard(self, hidden_BH: torch.Tensor) -> torch.Tensor:
         """This TP rank's slice of the vocabulary logits (tied or own vocabulary-parallel table)."""
-        if self.gpt.share_embeddings_and_output_weights:
-            weight = self.gpt.embedding.word_embeddings.weight
-        else:
-            weight = self.gpt.output_layer.weight
-        return F.linear(hidden_BH, weight).float()
+        return F.linear(hidden_BH, self._head_weight()).float()

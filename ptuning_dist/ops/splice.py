@@ -29,5 +29,11 @@ def splice_reference(
     table is cast to the backbone dtype here so the encoder itself stays fp32.
     """
     embeds_BSH = F.embedding(ids_BS, word_embeddings_VH.detach())
+    return insert_prompt_rows(embeds_BSH, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH)
+
+
+def insert_prompt_rows(embeds_BSH, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH) -> torch.Tensor:
+    """The splice's second half, for backbones whose lookup is not one table (a vocabulary-parallel
+    table looks up its shard and all-reduces over tensor parallelism first)."""
     rows_NH = table_MH.to(embeds_BSH.dtype)[prompt_slots_N]
     return embeds_BSH.index_put((prompt_rows_N, prompt_pos_N), rows_NH)
