@@ -18,7 +18,7 @@ from ptuning_dist.errors import PTuningError
 
 # flag -> config field; help text comes from the field's docstring in config.py
 TRAIN_FLAGS = {
-    "model": "model.path", "dtype": "model.dtype",
+    "model": "model.path", "dtype": "model.dtype", "backend": "model.backend",
     "encoder": "prompt.encoder", "template": "prompt.template",
     "task": "data.task", "data_dir": "data.data_dir", "relations": "data.relations",
     "allowed_vocab": "data.allowed_vocab", "max_seq_len": "data.max_seq_len",

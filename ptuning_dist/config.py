@@ -27,8 +27,12 @@ class ModelConfig:
     GPT-2 default, built once into ``<output_dir>/default_backbone``."""
     dtype: str = "float32"
     """The frozen backbone's dtype: float32, bfloat16 or float16. The encoder is always fp32."""
+    backend: str = "hf"
+    """'hf' (the Hugging Face model as it is) or 'megatron' (imported into a megatron-core GPTModel,
+    GPT-2 and LLaMA families; needed for parallel.tp > 1)."""
 
     def __post_init__(self):
+        _require(self.backend in ("hf", "megatron"), "model.backend", f"{self.backend!r} is not hf or megatron")
         _require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
                  f"{self.dtype!r} is not float32, bfloat16 or float16")
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from ptuning_dist.data.collate import Example, collate
 from ptuning_dist.model import PTuningModel
+from ptuning_dist.parallel.launch import data_parallel
 
 
 @torch.no_grad()
@@ -27,8 +28,7 @@ def predict(model: PTuningModel, examples: list[Example], batch_size: int, pad_i
     model.eval()
     if table_MH is None:
         table_MH = model.prompt() if model.prompt is not None else None
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    rank, world, group = data_parallel()  # TP replicas predict the same share together
     share = -(-len(examples) // world)
     mine = examples[rank * share : (rank + 1) * share]
     mine = mine + [examples[0]] * (share - len(mine))
@@ -38,7 +38,7 @@ def predict(model: PTuningModel, examples: list[Example], batch_size: int, pad_i
         preds.extend(model.logits(batch, table_MH).argmax(-1).tolist())  # host sync: evaluation only
     if world > 1:
         shares = [None] * world
-        dist.all_gather_object(shares, preds)
+        dist.all_gather_object(shares, preds, group=group)
         preds = [p for s in shares for p in s]
     model.train(was_training)
     return preds[: len(examples)]

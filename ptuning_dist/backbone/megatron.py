@@ -249,10 +249,16 @@ class MegatronBackbone(nn.Module):
         """Logits (fp32) over the candidates (each TP rank scores those in its shard, then a sum
         whose backward is the identity), or over the whole real vocabulary (gathered shards)."""
         from megatron.core import parallel_state as ps
-        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+        from megatron.core.tensor_parallel import (
+            copy_to_tensor_model_parallel_region,
+            reduce_from_tensor_model_parallel_region,
+        )
         from torch.distributed.nn.functional import all_gather
 
         weight = self._head_weight()
+        # Each rank's shard gives only part of d(loss)/d(hidden): sum it over TP in the backward
+        # (identity forward), as megatron's own vocabulary-parallel output layer does.
+        hidden_BH = copy_to_tensor_model_parallel_region(hidden_BH)
         if candidate_ids_K is None:  # B x V: only B rows, so gathering the shards is cheap
             shard_BV = F.linear(hidden_BH, weight)
             if ps.get_tensor_model_parallel_world_size() > 1:

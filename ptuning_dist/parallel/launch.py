@@ -109,6 +109,32 @@ class Dist:
             dist.barrier()
 
 
+def data_parallel() -> tuple[int, int, object]:
+    """(rank, size, group) of this rank's data-parallel group: megatron's when model parallelism
+    is set up (TP replicas see the same data), else the whole world (group None)."""
+    if not dist.is_initialized():
+        return 0, 1, None
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_group()
+    except ImportError:
+        pass
+    return dist.get_rank(), dist.get_world_size(), None
+
+
+def init_model_parallel(tp: int) -> None:
+    """megatron-core's process groups (TP x DP; PP = 1 for now) over the existing world."""
+    from megatron.core import parallel_state as ps
+
+    from ptuning_dist.parallel import megatron_cpu
+
+    megatron_cpu.enable()
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+
+
 def init(need_group: bool, timeout_s: float = 600.0) -> Dist:
     """Start the process group when there is more than one rank or DeepSpeed needs one.
 

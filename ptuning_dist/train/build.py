@@ -53,7 +53,15 @@ def build_run(cfg: RunConfig, device: torch.device | None = None) -> Run:
     template = Template(cfg.prompt.template or task.default_template, fields=task.fields)
     mask_space = template.parts[-1].space_before
     cands = build_candidates(task, tok, cfg.data.allowed_vocab, mask_space)
-    backbone = HFBackbone.from_pretrained(model_path, cfg.model.dtype).to(device)
+    if cfg.model.backend == "megatron":
+        from ptuning_dist.backbone.hf import DTYPES
+        from ptuning_dist.backbone.megatron import MegatronBackbone
+
+        hf = HFBackbone.from_pretrained(model_path, "float32").model  # read once, sharded into megatron
+        backbone = MegatronBackbone.from_hf(hf, DTYPES[cfg.model.dtype]).to(device)
+        del hf
+    else:
+        backbone = HFBackbone.from_pretrained(model_path, cfg.model.dtype).to(device)
     return Run(cfg, model_path, fingerprint(model_path), tok, task, template, cands, backbone, device)
 
 

@@ -62,15 +62,17 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
 
     ``hooks`` (for tests and diagnostics) may define ``after_setup(model, encoder, engine)`` and
     ``after_backward(step, encoder)`` (encoder gradients final, before clipping and the update)."""
-    if cfg.parallel.tp * cfg.parallel.pp > 1:
-        raise ConfigError(f"parallel.tp = {cfg.parallel.tp}, parallel.pp = {cfg.parallel.pp}: tensor and pipeline "
-                          "parallelism need the megatron-core backbone, which is not implemented yet; use tp = pp = 1")
+    _check_supported(cfg)
     _, world = launch.env_world()
     dp, accum = cfg.check_layout(world)
     ds_cfg = None
     if cfg.parallel.ds_config:
         ds_cfg, cfg.model.dtype = load_ds_config(cfg.parallel.ds_config, cfg, world)
-    D = launch.init(need_group=ds_cfg is not None, timeout_s=cfg.parallel.dist_timeout_s)
+    megatron = cfg.model.backend == "megatron"
+    D = launch.init(need_group=ds_cfg is not None or megatron, timeout_s=cfg.parallel.dist_timeout_s)
+    if megatron:
+        launch.init_model_parallel(cfg.parallel.tp)
+    dp_rank, _, dp_group = launch.data_parallel()  # TP replicas share a data-parallel rank
     say = log if D.is_main else (lambda *a, **k: None)
     out = Path(cfg.train.output_dir)
     if D.is_main:
@@ -99,7 +101,8 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
     start = _resume(cfg, out, run, encoder, opt, sched, stream, D, say)
     if D.is_main:
         (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    say(f"backbone {run.model_path} ({cfg.model.dtype}, ZeRO stage {zero_stage(ds_cfg)}, dp {dp}); "
+    say(f"backbone {run.model_path} ({cfg.model.dtype}, {cfg.model.backend} backend, tp {cfg.parallel.tp}, "
+        f"ZeRO stage {zero_stage(ds_cfg)}, dp {dp}); "
         f"encoder {encoder.kind} m={encoder.n_prompt} ({sum(p.numel() for p in encoder.parameters()):,} "
         f"trainable); {len(train_ex)} train / {len(eval_ex)} {cfg.data.eval_split} examples; accumulation {accum}")
 
@@ -115,7 +118,7 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
                initial=start, total=cfg.train.max_steps, mininterval=1.0)
     for step in bar:
         maybe_fail("step", step)
-        idx = stream.take(G)[D.rank * per_rank : (D.rank + 1) * per_rank]
+        idx = stream.take(G)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         table_MH = encoder()
         table_leaf = table_MH.detach().requires_grad_()
         step_loss = torch.zeros((), device=D.device)
@@ -127,8 +130,8 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
             stats[1] += batch.n_tokens
         release()  # ZeRO-3: re-partition what a recomputed block left gathered
         grad_MH = table_leaf.grad
-        if dp > 1:
-            dist.all_reduce(grad_MH)
+        if dp > 1:  # over DP only: TP replicas already hold the same table gradient
+            dist.all_reduce(grad_MH, group=dp_group)
             grad_MH /= dp
         table_MH.backward(grad_MH)
         if hooks is not None and hasattr(hooks, "after_backward"):
@@ -145,8 +148,8 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
         saving = cfg.train.save_every and step % cfg.train.save_every == 0 or step == cfg.train.max_steps
         if step % cfg.train.log_every == 0 or saving:
             _check_finite(first_bad, D)  # host sync: log and save steps only
-            if D.world > 1:
-                dist.all_reduce(stats)
+            if dp > 1:
+                dist.all_reduce(stats, group=dp_group)
             loss_sum, tokens = stats.tolist()  # host sync: log steps only
             now = time.perf_counter()
             rec = {"step": step, "loss": loss_sum / dp / (step - last_logged), "lr": sched.get_last_lr()[0],
@@ -165,6 +168,20 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
     if metrics_f:
         metrics_f.close()
     return _finish(cfg, out, run, model, encoder, eval_ex, D, say)
+
+
+def _check_supported(cfg: RunConfig) -> None:
+    """Refuse the layouts that are not built yet, before anything starts."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if pp > 1:
+        raise ConfigError(f"parallel.pp = {pp}: pipeline parallelism is not implemented yet; use pp = 1")
+    if tp > 1 and cfg.model.backend != "megatron":
+        raise ConfigError(f"parallel.tp = {tp} needs model.backend = megatron (--backend megatron)")
+    if cfg.model.backend == "megatron" and cfg.parallel.ds_config:
+        raise ConfigError("model.backend = megatron with parallel.ds_config: ZeRO partitioning of a megatron "
+                          "backbone is not implemented yet; drop --ds_config")
+    if cfg.model.backend == "megatron" and cfg.parallel.activation_checkpointing:
+        raise ConfigError("model.backend = megatron with parallel.activation_checkpointing: not implemented yet")
 
 
 def _resume(cfg, out, run, encoder, opt, sched, stream, D, say) -> int:
