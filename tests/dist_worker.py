@@ -33,6 +33,7 @@ def main():
             rec["encoder_numel"] = sum(p.numel() for p in encoder.parameters())
             rec["encoder_init"] = {k: v.clone() for k, v in encoder.state_dict().items()}
             rec["_frozen"] = model.frozen
+            rec["checkpointed_blocks"] = sum(type(m).__name__ == "CheckpointWrapper" for m in model.frozen.modules())
 
         def after_backward(self, step, encoder):
             if step in grad_steps:

@@ -239,3 +239,16 @@ def test_tensor_parallel_megatron_matches_single_process(backbone, reference, tm
             torch.testing.assert_close(r0["grads"][step][name], g, atol=1e-5, rtol=1e-4, msg=f"{step} {name}")
             assert torch.equal(r0["grads"][step][name], r1["grads"][step][name]), f"TP replicas differ: {name}"
     assert r0["trainable"] == r0["encoder_numel"]
+
+
+def test_tensor_parallel_activation_checkpointing_bit_identical(backbone, tmp_path):
+    runs = {}
+    for ac in ("false", "true"):
+        out = tmp_path / ac
+        torchrun(2, WORKER, "--record", out / "rec", "--model", backbone, "--output_dir", out, "--backend", "megatron",
+                 "--tp", 2, "--activation_checkpointing", ac, *COMMON)
+        runs[ac] = (losses(out), torch.load(out / "rec" / "rank0.pt"))
+    assert runs["true"][1]["checkpointed_blocks"] == 2 and runs["false"][1]["checkpointed_blocks"] == 0
+    assert runs["true"][0] == runs["false"][0]
+    for k, g in runs["false"][1]["grads"][3].items():
+        assert torch.equal(runs["true"][1]["grads"][3][k], g), k

@@ -223,6 +223,11 @@ class MegatronBackbone(nn.Module):
         return hidden_SBH[target_pos_B, torch.arange(B, device=embeds_BSH.device)]
 
     @property
+    def model(self) -> nn.Module:
+        """The wrapped GPTModel (what parallel wrappers such as activation checkpointing act on)."""
+        return self.gpt
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.gpt.embedding.word_embeddings.weight.dtype
 

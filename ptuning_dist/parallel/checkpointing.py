@@ -21,7 +21,8 @@ from ptuning_dist.errors import ConfigError
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of blocks: the one whose length is the config's layer count."""
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    cfg = model.config  # HF: num_hidden_layers / n_layer; megatron TransformerConfig: num_layers
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or getattr(cfg, "num_layers", None)
     for _, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) == n:
             return mod

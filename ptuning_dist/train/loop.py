@@ -180,8 +180,6 @@ def _check_supported(cfg: RunConfig) -> None:
     if cfg.model.backend == "megatron" and cfg.parallel.ds_config:
         raise ConfigError("model.backend = megatron with parallel.ds_config: ZeRO partitioning of a megatron "
                           "backbone is not implemented yet; drop --ds_config")
-    if cfg.model.backend == "megatron" and cfg.parallel.activation_checkpointing:
-        raise ConfigError("model.backend = megatron with parallel.activation_checkpointing: not implemented yet")
 
 
 def _resume(cfg, out, run, encoder, opt, sched, stream, D, say) -> int:
