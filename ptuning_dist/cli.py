@@ -30,7 +30,7 @@ TRAIN_FLAGS = {
     "log_every": "train.log_every", "eval_every": "train.eval_every",
     "eval_batch_size": "train.eval_batch_size", "save_every": "train.save_every",
     "keep_checkpoints": "train.keep_checkpoints", "resume": "train.resume",
-    "tp": "parallel.tp", "pp": "parallel.pp", "ds_config": "parallel.ds_config",
+    "tp": "parallel.tp", "pp": "parallel.pp", "ds_config": "parallel.ds_config", "fsdp2": "parallel.fsdp2",
     "activation_checkpointing": "parallel.activation_checkpointing", "dist_timeout_s": "parallel.dist_timeout_s",
 }
 

@@ -125,6 +125,9 @@ class ParallelConfig:
     ds_config: str | None = None
     """A DeepSpeed JSON (ds_configs/zero3.json ...): ZeRO partitioning of the frozen backbone and
     its dtype. Its batch sizes may be "auto"; values contradicting this config are errors."""
+    fsdp2: bool = False
+    """Partition the frozen backbone with torch FSDP2 over the data-parallel group (instead of a
+    DeepSpeed ZeRO-3 config); works with both backends and with TP."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward (about one extra forward)."""
     dist_timeout_s: float = 600.0

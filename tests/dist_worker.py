@@ -41,6 +41,9 @@ def main():
                 rec["params"][step] = {n: p.detach().clone() for n, p in encoder.named_parameters()}
                 # elements of frozen weights materialised on this rank after the backward
                 rec.setdefault("materialised", {})[step] = sum(p.data.numel() for p in rec["_frozen"].parameters())
+                # FSDP2 registers sharded DTensors when resharded, plain tensors while gathered
+                rec.setdefault("not_dtensor", {})[step] = sum(not hasattr(p, "to_local")
+                                                              for p in rec["_frozen"].parameters())
 
     _quiet_libraries()
     train(cfg, log=lambda *a: None, hooks=Hooks())

@@ -252,3 +252,19 @@ def test_tensor_parallel_activation_checkpointing_bit_identical(backbone, tmp_pa
     assert runs["true"][0] == runs["false"][0]
     for k, g in runs["false"][1]["grads"][3].items():
         assert torch.equal(runs["true"][1]["grads"][3][k], g), k
+
+
+@pytest.mark.parametrize("backend,world", [("hf", 2), ("megatron", 4)])  # DP=2; TP=2 x DP=2
+def test_fsdp2_partitions_over_dp_and_matches(backbone, reference, tmp_path, backend, world):
+    torchrun(world, WORKER, "--record", tmp_path / "rec", "--model", backbone, "--output_dir", tmp_path,
+             "--backend", backend, "--tp", world // 2, "--fsdp2", "true", *COMMON)
+    a, b = losses(reference), losses(tmp_path)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    ref = torch.load(reference / "rec" / "rank0.pt")
+    r0 = torch.load(tmp_path / "rec" / "rank0.pt")
+    for name, g in ref["grads"][3].items():
+        torch.testing.assert_close(r0["grads"][3][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    for name, full, local in r0["partitions"]:
+        assert local < full or full == 1, f"{name}: {local} of {full} elements on rank 0, not sharded"
+        assert local <= -(-full // 2) + full // 2 ** 6, f"{name}: {local} of {full}"  # ~half, dim-0 rounding
+    assert r0["not_dtensor"][1] == r0["not_dtensor"][3] == 0, "FSDP2 left parameters gathered after a step"

@@ -63,10 +63,16 @@ def shard_frozen(model: PTuningModel, ds_cfg: dict):
 
 
 def partition_sizes(module: torch.nn.Module) -> list[tuple[str, int, int]]:
-    """(name, full numel, elements held on this rank) for every parameter."""
+    """(name, full numel, elements held on this rank) for every parameter: ZeRO-3 partitions
+    (``ds_tensor``), FSDP2 shards (DTensor ``to_local()``) or whole tensors."""
     out = []
     for name, p in module.named_parameters():
         full = getattr(p, "ds_numel", p.numel())
-        local = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        if hasattr(p, "ds_tensor"):
+            local = p.ds_tensor.numel()
+        elif hasattr(p, "to_local"):
+            local = p.to_local().numel()
+        else:
+            local = p.numel()
         out.append((name, full, local))
     return out

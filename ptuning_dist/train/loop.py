@@ -37,6 +37,7 @@ from ptuning_dist.evaluate import evaluate
 from ptuning_dist.parallel import launch
 from ptuning_dist.parallel.checkpointing import apply_activation_checkpointing
 from ptuning_dist.parallel.ds_config import load_ds_config, zero_stage
+from ptuning_dist.parallel.fsdp import shard_frozen_fsdp2
 from ptuning_dist.parallel.zero import hf_zero3_context, shard_frozen
 from ptuning_dist.prompt.export import ENCODER_FILE, save_encoder, save_table
 from ptuning_dist.train import checkpoint as ckpt
@@ -69,7 +70,8 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
     if cfg.parallel.ds_config:
         ds_cfg, cfg.model.dtype = load_ds_config(cfg.parallel.ds_config, cfg, world)
     megatron = cfg.model.backend == "megatron"
-    D = launch.init(need_group=ds_cfg is not None or megatron, timeout_s=cfg.parallel.dist_timeout_s)
+    D = launch.init(need_group=ds_cfg is not None or megatron or cfg.parallel.fsdp2,
+                    timeout_s=cfg.parallel.dist_timeout_s)
     if megatron:
         launch.init_model_parallel(cfg.parallel.tp)
     dp_rank, _, dp_group = launch.data_parallel()  # TP replicas share a data-parallel rank
@@ -87,6 +89,8 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(run.backbone.model)
     engine = shard_frozen(model, ds_cfg) if ds_cfg is not None else None
+    if cfg.parallel.fsdp2:
+        shard_frozen_fsdp2(model, dp_group)
     del hf_ctx
     if D.world > 1:
         for p in encoder.parameters():  # identical replicas from the first step on
@@ -177,9 +181,11 @@ def _check_supported(cfg: RunConfig) -> None:
         raise ConfigError(f"parallel.pp = {pp}: pipeline parallelism is not implemented yet; use pp = 1")
     if tp > 1 and cfg.model.backend != "megatron":
         raise ConfigError(f"parallel.tp = {tp} needs model.backend = megatron (--backend megatron)")
+    if cfg.parallel.fsdp2 and cfg.parallel.ds_config:
+        raise ConfigError("parallel.fsdp2 and parallel.ds_config both partition the backbone; choose one")
     if cfg.model.backend == "megatron" and cfg.parallel.ds_config:
         raise ConfigError("model.backend = megatron with parallel.ds_config: ZeRO partitioning of a megatron "
-                          "backbone is not implemented yet; drop --ds_config")
+                          "backbone is not implemented yet; use --fsdp2 true")
 
 
 def _resume(cfg, out, run, encoder, opt, sched, stream, D, say) -> int:
