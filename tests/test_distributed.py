@@ -268,3 +268,16 @@ def test_fsdp2_partitions_over_dp_and_matches(backbone, reference, tmp_path, bac
         assert local < full or full == 1, f"{name}: {local} of {full} elements on rank 0, not sharded"
         assert local <= -(-full // 2) + full // 2 ** 6, f"{name}: {local} of {full}"  # ~half, dim-0 rounding
     assert r0["not_dtensor"][1] == r0["not_dtensor"][3] == 0, "FSDP2 left parameters gathered after a step"
+
+
+def test_llama_tensor_parallel_training_matches_hf(family_dirs, tmp_path):
+    """LLaMA (grouped-query attention, SwiGLU, RoPE) on RTE: TP=2 megatron against HF, one process."""
+    flags = ["--model", family_dirs["llama"], "--task", "rte", "--max_seq_len", 96, *COMMON]
+    run([sys.executable, WORKER, "--record", tmp_path / "ref" / "rec", "--output_dir", tmp_path / "ref", *flags])
+    torchrun(2, WORKER, "--record", tmp_path / "tp" / "rec", "--output_dir", tmp_path / "tp", "--backend", "megatron",
+             "--tp", 2, *flags)
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "tp")
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    ref, tp = (torch.load(tmp_path / d / "rec" / "rank0.pt") for d in ("ref", "tp"))
+    for name, g in ref["grads"][3].items():
+        torch.testing.assert_close(tp["grads"][3][name], g, atol=1e-5, rtol=1e-4, msg=name)
