@@ -1,4 +1,4 @@
-"""ZeRO-0 vs ZeRO-3 at DP=2: per-rank peak resident memory, step time, frozen bytes held.
+"""ZeRO-0 vs ZeRO-3 vs FSDP2 at DP=2: per-rank peak resident memory, step time, frozen bytes held.
 
     .venv/bin/python benchmarks/zero_memory.py            # writes its section of benchmarks/RESULTS.md
     .venv/bin/python benchmarks/zero_memory.py --quick    # a tiny model, a few steps (smoke test)
@@ -39,13 +39,12 @@ def worker(args) -> None:
 
     class Hooks:
         def after_setup(self, model, encoder, engine):
-            held = 0
-            for p in model.frozen.parameters():
-                local = p.ds_tensor if hasattr(p, "ds_tensor") else p
-                held += local.numel() * local.element_size()
-            rec["frozen_bytes_held"] = held
-            rec["frozen_bytes_full"] = sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
-                                           for p in model.frozen.parameters())
+            from ptuning_dist.parallel.zero import partition_sizes
+
+            size = model.frozen.backbone.dtype.itemsize
+            sizes = partition_sizes(model.frozen)
+            rec["frozen_bytes_held"] = sum(local for _, _, local in sizes) * size
+            rec["frozen_bytes_full"] = sum(full for _, full, _ in sizes) * size
             rec["rss_after_setup"] = _rss_now()
             rec["peak_rss_after_setup"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             last[0] = time.perf_counter()
@@ -92,13 +91,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = build_backbone(tmp, args.quick)
-        runs = [("zero0", "mmap"), ("zero3", "mmap"), ("zero3", "trim"), ("zero3", "off")]
+        runs = [("zero0", "mmap"), ("zero3", "mmap"), ("fsdp2", "mmap"), ("zero3", "trim"), ("zero3", "off")]
         for name, malloc in runs[:2] if args.quick else runs:
             rec_dir = tmp / f"rec_{name}_{malloc}"
             rec_dir.mkdir()
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                    str(_free_port()), __file__, "--worker", "--record", str(rec_dir), "--model", str(model),
-                   "--ds_config", str(ROOT / "ds_configs" / f"{name}.json"), "--output_dir", str(rec_dir / "out"),
+                   *(["--fsdp2", "true"] if name == "fsdp2" else ["--ds_config", str(ROOT / "ds_configs" / f"{name}.json")]),
+                   "--output_dir", str(rec_dir / "out"),
                    "--max_steps", str(steps), "--micro_batch_size", "8", "--global_batch_size", "16",
                    "--log_every", str(steps)]
             env = dict(os.environ, OMP_NUM_THREADS="1", PTUNING_HOST_MALLOC=malloc)
@@ -118,7 +118,7 @@ def main() -> None:
 
 
 def _write_section(table: list[str], steps: int) -> None:
-    body = [BEGIN, "## ZeRO-0 vs ZeRO-3 at DP=2 (issue 3)", "",
+    body = [BEGIN, "## ZeRO-0 vs ZeRO-3 vs FSDP2 at DP=2 (issues 3 and 4)", "",
             "Command: `.venv/bin/python benchmarks/zero_memory.py`", "",
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"CPU only (gloo), {time.strftime('%Y-%m-%d')}. GPT-2-small-shaped backbone (12 x 768, random "
