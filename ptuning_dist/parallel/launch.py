@@ -59,9 +59,10 @@ class HostHeap:
 
     - ``mmap`` (default): pin the mmap threshold at 1 MiB (= ``MALLOC_MMAP_THRESHOLD_=1048576``, which
       glibc only reads at start-up): buffers >= 1 MiB are mmapped and returned on free, and ZeRO-3's
-      peak RSS fell below ZeRO-0's; every gather page-faults fresh pages (steps ~30% slower here).
+      RSS stays flat (within ~1.2x ZeRO-0's, instead of 2x); every gather page-faults fresh pages
+      (steps 30-60% slower than ``off`` here).
     - ``trim``: ``malloc_trim(0)`` after every step: cheaper, but the heap regrows within each step
-      (peak still ~1.6x ZeRO-0's here).
+      (peak ~1.5x ZeRO-0's here).
     - ``off``: glibc's defaults (fastest steps, peak ~2x ZeRO-0's here).
     """
 
