@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ptuning_dist.backbone.hf import HFBackbone, fingerprint
 from ptuning_dist.backbone.tiny import default_backbone
@@ -32,7 +33,7 @@ class Run:
     task: Task
     template: Template
     cands: Candidates
-    backbone: HFBackbone
+    backbone: nn.Module  # HFBackbone or MegatronBackbone: hidden_at, head, hidden_size, dtype, model
     device: torch.device
 
 

@@ -1,9 +1,10 @@
 """The training loop: flat, the same on 1 rank or DP ranks under DeepSpeed ZeRO.
 
 Set-up order: configs checked against the world size (before any process group) -> process
-group -> tokenizer, task, backbone built, loaded (ZeRO-3: partitioned while loading) and frozen
--> encoder (seeded, then broadcast from rank 0) -> activation-checkpoint wrapping -> ZeRO engine
-over the frozen part -> optimizer -> resume.
+group (-> megatron's TP x DP groups) -> tokenizer, task, backbone built, loaded (ZeRO-3:
+partitioned while loading; megatron: TP-sharded while importing) and frozen -> encoder (seeded,
+then broadcast from rank 0) -> activation-checkpoint wrapping -> ZeRO engine or FSDP2 over the
+frozen part -> optimizer -> resume.
 
 Per optimizer step, on every rank::
 
