@@ -78,6 +78,7 @@ def test_superglue_tasks_run_from_the_launcher(default_run, tmp_path):
     (["--tp", 2], "parallel.tp = 2 needs model.backend = megatron"),
     (["--pp", 2], "parallel.pp = 2: pipeline parallelism is not implemented yet"),
     (["--backend", "megatron", "--ds_config", "ds_configs/zero3.json"], "ZeRO partitioning of a megatron"),
+    (["--backend", "megatron", "--tp", 3], "parallel.tp = 3 does not divide the 4 attention heads"),
 ])
 def test_bad_input_is_a_clear_error(default_run, tmp_path, args, needle):
     p = launch("train", "--model", default_run / "default_backbone", "--output_dir", tmp_path / "o", *args, ok=False)

@@ -55,3 +55,16 @@ def test_megatron_forward_equals_hf(family_dirs, tmp_path, tp, family):
     res = json.loads(out.read_text())
     assert res["tp"] == tp and res["max_abs_diff"] < 2e-5, res  # seen: <= 3.1e-6
     assert res["head_full_diff"] < 2e-5 and res["head_cands_diff"] < 2e-5 and res["embed_diff"] == 0, res
+
+
+def test_tp_layout_checked_from_config_json(family_dirs):
+    from ptuning_dist.backbone.megatron import check_tp_layout
+    from ptuning_dist.errors import ConfigError
+
+    check_tp_layout(family_dirs["llama"], 2)  # 4 heads, 2 key/value groups
+    with pytest.raises(ConfigError, match="does not divide the 2 key/value groups"):
+        check_tp_layout(family_dirs["llama"], 4)
+    with pytest.raises(ConfigError, match="does not divide the 4 attention heads"):
+        check_tp_layout(family_dirs["gpt2"], 3)
+    with pytest.raises(ConfigError, match="no importer for model_type 'gpt_neox'"):
+        check_tp_layout(family_dirs["gpt_neox"], 1)

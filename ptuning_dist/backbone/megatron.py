@@ -69,6 +69,23 @@ LLAMA_LAYER = [
 LLAMA_GLOBAL = [("decoder.final_layernorm.weight", "model.norm.weight", None, None)]
 
 
+def check_tp_layout(model_dir, tp: int) -> None:
+    """Before any process group: TP must divide the attention heads and key/value groups."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "config.json"
+    cfg = json.loads(path.read_text())
+    kind = cfg.get("model_type")
+    if kind not in ("gpt2", "llama"):
+        raise ConfigError(f"model.backend = megatron: no importer for model_type {kind!r} in {path} (gpt2, llama)")
+    heads = cfg.get("n_head") or cfg.get("num_attention_heads")
+    groups = cfg.get("num_key_value_heads") or heads
+    for what, n in (("attention heads", heads), ("key/value groups", groups)):
+        if n % tp:
+            raise ConfigError(f"parallel.tp = {tp} does not divide the {n} {what} of {path}")
+
+
 def padded_vocab(vocab: int, tp: int) -> int:
     return -(-vocab // tp) * tp
 

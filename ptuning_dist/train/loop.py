@@ -182,6 +182,10 @@ def _check_supported(cfg: RunConfig) -> None:
         raise ConfigError(f"parallel.pp = {pp}: pipeline parallelism is not implemented yet; use pp = 1")
     if tp > 1 and cfg.model.backend != "megatron":
         raise ConfigError(f"parallel.tp = {tp} needs model.backend = megatron (--backend megatron)")
+    if cfg.model.backend == "megatron" and cfg.model.path is not None:
+        from ptuning_dist.backbone.megatron import check_tp_layout
+
+        check_tp_layout(cfg.model.path, tp)
     if cfg.parallel.fsdp2 and cfg.parallel.ds_config:
         raise ConfigError("parallel.fsdp2 and parallel.ds_config both partition the backbone; choose one")
     if cfg.model.backend == "megatron" and cfg.parallel.ds_config:
