@@ -33,21 +33,32 @@ class FrozenLM(nn.Module):
 
     def forward(self, ids_BS, attention_mask_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, target_pos_B,
                 table_MH):
+        """Logits (B x K) on the last pipeline stage; on an earlier one, its [s, b, h] output."""
+        embeds_BSH = None  # a later pipeline stage starts from the activations it received
+        if self.backbone.is_first_stage:
+            embeds_BSH = self.splice(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH)
+        hidden = self.backbone.hidden_at(embeds_BSH, attention_mask_BS, target_pos_B)
+        if not self.backbone.is_last_stage:
+            return hidden
+        return self.backbone.head(hidden, self.candidate_ids_K)
+
+    def splice(self, ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH) -> torch.Tensor:
         if hasattr(self.backbone, "embed"):  # a vocabulary-parallel lookup (megatron backbone)
-            embeds_BSH = insert_prompt_rows(self.backbone.embed(ids_BS), prompt_rows_N, prompt_pos_N,
-                                            prompt_slots_N, table_MH)
-        else:
-            embeds_BSH = splice_reference(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N,
-                                          self.backbone.word_embeddings_VH, table_MH)
-        hidden_BH = self.backbone.hidden_at(embeds_BSH, attention_mask_BS, target_pos_B)
-        return self.backbone.head(hidden_BH, self.candidate_ids_K)
+            return insert_prompt_rows(self.backbone.embed(ids_BS), prompt_rows_N, prompt_pos_N, prompt_slots_N,
+                                      table_MH)
+        return splice_reference(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N,
+                                self.backbone.word_embeddings_VH, table_MH)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """A later pipeline stage's input, from megatron's schedule (see parallel/pipeline.py)."""
+        self.backbone.set_input_tensor(input_tensor)
 
 
 class PTuningModel(nn.Module):
     def __init__(self, backbone: nn.Module, prompt: nn.Module | None, candidate_ids_K: torch.Tensor | None):
         super().__init__()
         self.frozen = FrozenLM(backbone, candidate_ids_K)
-        self.prompt = prompt  # None: the manual baseline (a template with no prompt slots)
+        self.prompt = prompt  # None: the manual baseline, or a pipeline stage after the first
 
     @property
     def backbone(self) -> nn.Module:

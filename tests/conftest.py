@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,22 @@ def bpe_piece(family_dirs):
     from ptuning_dist.data.tokenizer import PieceTokenizer
 
     return PieceTokenizer(AutoTokenizer.from_pretrained(family_dirs["gpt2"]))
+
+
+@pytest.fixture(scope="session")
+def backbone(tmp_path_factory):
+    """The embedded default GPT-2 (2 layers, tied embeddings): what the multi-process tests train."""
+    from ptuning_dist.backbone.tiny import default_backbone
+
+    return default_backbone(tmp_path_factory.mktemp("dist") / "backbone")
+
+
+@pytest.fixture(scope="session")
+def reference(backbone, tmp_path_factory):
+    """Single process, HF backend, no DeepSpeed: micro 4 x accumulation 4 = the global batch of 16
+    that the parallel runs split; every parallel layout is compared with it."""
+    from distutil import COMMON, WORKER, run
+
+    out = tmp_path_factory.mktemp("ref")
+    run([sys.executable, WORKER, "--record", out / "rec", "--model", backbone, "--output_dir", out, *COMMON])
+    return out

@@ -17,6 +17,9 @@ from ptuning_dist.parallel.zero import partition_sizes  # noqa: E402
 from ptuning_dist.train.loop import train  # noqa: E402
 
 
+BLOCKS = ("GPT2Block", "LlamaDecoderLayer", "GPTNeoXLayer", "TransformerLayer")  # HF families, megatron
+
+
 def main():
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--record", required=True)
@@ -30,17 +33,42 @@ def main():
         def after_setup(self, model, encoder, engine):
             rec["partitions"] = partition_sizes(model.frozen)
             rec["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            rec["encoder_numel"] = sum(p.numel() for p in encoder.parameters())
-            rec["encoder_init"] = {k: v.clone() for k, v in encoder.state_dict().items()}
             rec["_frozen"] = model.frozen
             rec["checkpointed_blocks"] = sum(type(m).__name__ == "CheckpointWrapper" for m in model.frozen.modules())
+            cfg_m = getattr(model.backbone.model, "config", None)
+            if getattr(cfg_m, "recompute_granularity", None) == "full":  # megatron's recompute
+                rec["checkpointed_blocks"] = len(model.backbone.model.decoder.layers)
+            # forwards of this stage's first block during training steps: doubled by a real recompute
+            rec["block_forwards"] = 0
+            blocks = [m for m in model.frozen.modules() if type(m).__name__.endswith(BLOCKS)]  # FSDP2 renames FSDP<Block>
+
+            def count(*_):
+                if model.training:
+                    rec["block_forwards"] += 1
+            blocks[0].register_forward_hook(count)
+            if engine is not None and hasattr(engine.optimizer, "release_backward_leftovers"):
+                # ZeRO-3: what is still gathered when the step's backwards are done, before the
+                # loop's safety net releases leftovers (hooks that never fired)
+                leftovers = engine.optimizer.release_backward_leftovers
+                rec["gathered_before_release"] = []
+                # the weights FrozenLM's own forward gathers (embeddings, head, returned biases)
+                rec["directly_read_numel"] = sum(p.ds_numel for p in model.backbone.directly_read_parameters())
+
+                def observed():
+                    rec["gathered_before_release"].append(sum(p.data.numel() for p in model.frozen.parameters()))
+                    leftovers()
+                engine.optimizer.release_backward_leftovers = observed
+            rec["encoder_numel"] = 0 if encoder is None else sum(p.numel() for p in encoder.parameters())
+            rec["encoder_init"] = {} if encoder is None else {k: v.clone() for k, v in encoder.state_dict().items()}
 
         def after_backward(self, step, encoder):
             if step in grad_steps:
-                rec["grads"][step] = {n: p.grad.clone() for n, p in encoder.named_parameters()}
-                rec["params"][step] = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+                if encoder is not None:  # pipeline stages after the first have none
+                    rec["grads"][step] = {n: p.grad.clone() for n, p in encoder.named_parameters()}
+                    rec["params"][step] = {n: p.detach().clone() for n, p in encoder.named_parameters()}
                 # elements of frozen weights materialised on this rank after the backward
-                rec.setdefault("materialised", {})[step] = sum(p.data.numel() for p in rec["_frozen"].parameters())
+                rec.setdefault("materialised", {})[step] = {n: p.data.numel() for n, p in rec["_frozen"].named_parameters()
+                                                            if p.data.numel()}
                 # FSDP2 registers sharded DTensors when resharded, plain tensors while gathered
                 rec.setdefault("not_dtensor", {})[step] = sum(not hasattr(p, "to_local")
                                                               for p in rec["_frozen"].parameters())

@@ -75,10 +75,11 @@ def test_superglue_tasks_run_from_the_launcher(default_run, tmp_path):
     (["--task", "squad"], "data.task: unknown task"),
     (["--micro_batch_size", 3, "--global_batch_size", 8], "train.global_batch_size"),
     (["--relations", "P999"], "data.relations"),
-    (["--tp", 2], "parallel.tp = 2 needs model.backend = megatron"),
-    (["--pp", 2], "parallel.pp = 2: pipeline parallelism is not implemented yet"),
-    (["--backend", "megatron", "--ds_config", "ds_configs/zero3.json"], "ZeRO partitioning of a megatron"),
+    (["--tp", 2], "tensor and pipeline parallelism need model.backend = megatron"),
+    (["--pp", 2], "tensor and pipeline parallelism need model.backend = megatron"),
     (["--backend", "megatron", "--tp", 3], "parallel.tp = 3 does not divide the 4 attention heads"),
+    (["--backend", "megatron", "--pp", 3], "parallel.pp = 3 does not divide the 2 transformer layers"),
+    (["--backend", "megatron", "--pp", 2], "tp*pp = 2 does not divide the world size 1"),
 ])
 def test_bad_input_is_a_clear_error(default_run, tmp_path, args, needle):
     p = launch("train", "--model", default_run / "default_backbone", "--output_dir", tmp_path / "o", *args, ok=False)

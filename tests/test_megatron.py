@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptuning_dist.backbone.megatron import _qkv_per_head, gpt2_to_megatron, padded_vocab
+from ptuning_dist.backbone.megatron_import import _qkv_per_head, gpt2_to_megatron, padded_vocab
 from ptuning_dist.parallel.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,14 +57,16 @@ def test_megatron_forward_equals_hf(family_dirs, tmp_path, tp, family):
     assert res["head_full_diff"] < 2e-5 and res["head_cands_diff"] < 2e-5 and res["embed_diff"] == 0, res
 
 
-def test_tp_layout_checked_from_config_json(family_dirs):
-    from ptuning_dist.backbone.megatron import check_tp_layout
+def test_layout_checked_from_config_json(family_dirs):
+    from ptuning_dist.backbone.megatron_import import check_layout
     from ptuning_dist.errors import ConfigError
 
-    check_tp_layout(family_dirs["llama"], 2)  # 4 heads, 2 key/value groups
+    check_layout(family_dirs["llama"], 2)  # 4 heads, 2 key/value groups
     with pytest.raises(ConfigError, match="does not divide the 2 key/value groups"):
-        check_tp_layout(family_dirs["llama"], 4)
+        check_layout(family_dirs["llama"], 4)
     with pytest.raises(ConfigError, match="does not divide the 4 attention heads"):
-        check_tp_layout(family_dirs["gpt2"], 3)
+        check_layout(family_dirs["gpt2"], 3)
+    with pytest.raises(ConfigError, match="parallel.pp = 3 does not divide the 2 transformer layers"):
+        check_layout(family_dirs["gpt2"], 1, 3)
     with pytest.raises(ConfigError, match="no importer for model_type 'gpt_neox'"):
-        check_tp_layout(family_dirs["gpt_neox"], 1)
+        check_layout(family_dirs["gpt_neox"], 1)

@@ -162,7 +162,7 @@ def test_activation_checkpointing_bit_identical_single_process(tiny_dir, tmp_pat
         run = build_run(cfg_for(tiny_dir, tmp_path), torch.device("cpu"))
         model, encoder = build_model(run, seed=0)
         if ac:
-            assert apply_activation_checkpointing(run.backbone.model) == 2
+            assert apply_activation_checkpointing(run.backbone) == 2
         batch = collate(examples(run, "train")[:8], run.tok.pad_id)
         loss = model.loss(batch)
         loss.backward()

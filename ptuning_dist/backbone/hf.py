@@ -31,6 +31,8 @@ def freeze(module: nn.Module) -> None:
 
 
 class HFBackbone(nn.Module):
+    is_first_stage = is_last_stage = True  # never pipelined (the megatron backbone is)
+
     def __init__(self, model: nn.Module, path: str | None = None):
         super().__init__()
         freeze(model)
@@ -55,6 +57,13 @@ class HFBackbone(nn.Module):
         super().train(mode)
         self.model.eval()  # the frozen backbone never enters training mode
         return self
+
+    def directly_read_parameters(self) -> list[nn.Parameter]:
+        """Weights read as tensors, not through their module's forward (the splice, the
+        candidate-only head): ZeRO-3 must gather them when the frozen module's forward starts."""
+        head = self.model.get_output_embeddings()
+        params = [self.model.get_input_embeddings().weight, head.weight] + ([head.bias] if head.bias is not None else [])
+        return list({id(p): p for p in params}.values())
 
     @property
     def word_embeddings_VH(self) -> torch.Tensor:

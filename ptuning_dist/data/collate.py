@@ -142,9 +142,13 @@ class Batch:
         return Batch(**moved)
 
 
-def collate(examples: list[Example], pad_id: int) -> Batch:
-    """Right-pad to the longest row of this batch (dynamic padding) and flatten the plan."""
+def collate(examples: list[Example], pad_id: int, seq_len: int | None = None) -> Batch:
+    """Right-pad to the longest row of this batch (dynamic padding), or to ``seq_len`` (a
+    pipeline's micro-batches share one activation shape per step), and flatten the plan."""
     S = max(len(e.enc.ids) for e in examples)
+    if seq_len is not None:
+        assert seq_len >= S, f"seq_len {seq_len} < the longest row {S}"
+        S = seq_len
     B = len(examples)
     ids = torch.full((B, S), pad_id, dtype=torch.long)
     mask = torch.zeros((B, S), dtype=torch.long)

@@ -125,15 +125,35 @@ def data_parallel() -> tuple[int, int, object]:
     return dist.get_rank(), dist.get_world_size(), None
 
 
-def init_model_parallel(tp: int) -> None:
-    """megatron-core's process groups (TP x DP; PP = 1 for now) over the existing world."""
+def broadcast_replicas(module: torch.nn.Module) -> None:
+    """Make every replica of ``module`` (the encoder) equal to the first one's: over the DP
+    group, then the TP group. Under pipeline parallelism both lie within the first stage, which
+    alone holds the encoder."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    groups = [(None, 0)]
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            groups = [(ps.get_data_parallel_group(), ps.get_data_parallel_src_rank()),
+                      (ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank())]
+    except ImportError:
+        pass
+    for group, src in groups:
+        for p in module.parameters():
+            dist.broadcast(p.data, src=src, group=group)
+
+
+def init_model_parallel(tp: int, pp: int = 1) -> None:
+    """megatron-core's process groups (TP x PP x DP) over the existing world."""
     from megatron.core import parallel_state as ps
 
     from ptuning_dist.parallel import megatron_cpu
 
     megatron_cpu.enable()
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
 
 def init(need_group: bool, timeout_s: float = 600.0) -> Dist:

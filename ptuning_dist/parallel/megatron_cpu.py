@@ -10,6 +10,14 @@ replaces still looks as expected (``tests/test_megatron.py`` fails if megatron-c
 3. The model-parallel RNG tracker (``get_cuda_rng_tracker``) forks the CUDA generator around
    attention dropout and weight init: a CPU tracker forks the CPU generator the same way (a named
    state per stream, restored after the ``with`` block), so seeded runs stay reproducible.
+4. Full recompute (``tensor_parallel.checkpoint``) saves and restores the CUDA generator's state
+   around the recomputed forward: on the CPU there is none, the CPU state and the tracker's are
+   still saved and restored by megatron itself.
+5. The pipeline schedules and their p2p layer call ``torch.cuda.current_device()`` for receive
+   buffers, ``torch.cuda.synchronize()`` after batched p2p, and make a token counter with
+   ``device="cuda"``: those two modules see a ``torch`` whose CUDA calls mean the CPU. Only the
+   name ``torch`` inside ``schedules.py`` and ``p2p_communication.py`` is rebound; torch itself and
+   every other module are untouched.
 """
 from __future__ import annotations
 
@@ -80,6 +88,36 @@ def _cpu_get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
     return emb[:, None, None, :]  # [seq, 1, 1, dim], as upstream
 
 
+class _CpuCuda:
+    """``torch.cuda`` as the pipeline code uses it, meaning the CPU."""
+
+    @staticmethod
+    def current_device() -> str:
+        return "cpu"
+
+    @staticmethod
+    def synchronize(*_a, **_k) -> None:  # CPU p2p over gloo completes in wait()
+        return None
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _CpuTorch:
+    """``torch`` for the pipeline modules: the same module, with ``device="cuda"`` read as CPU."""
+
+    cuda = _CpuCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return torch.zeros(*args, **kwargs)
+
+
 def enable() -> bool:
     """Patch megatron-core for CPU execution (no-op with a GPU). Returns whether it patched."""
     global _ENABLED
@@ -96,5 +134,14 @@ def enable() -> bool:
     for mod in (random, tensor_parallel, layers):
         assert hasattr(mod, "get_cuda_rng_tracker"), f"megatron-core moved get_cuda_rng_tracker out of {mod}"
         mod.get_cuda_rng_tracker = lambda *a, **k: _TRACKER
+    assert hasattr(random, "_get_cuda_rng_state") and hasattr(random, "_set_cuda_rng_state"), \
+        "megatron-core changed its recompute RNG helpers"
+    random._get_cuda_rng_state = lambda *a, **k: None
+    random._set_cuda_rng_state = lambda *a, **k: None
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
+
+    for mod in (schedules, p2p_communication):
+        assert mod.torch is torch, f"megatron-core changed how {mod.__name__} imports torch"
+        mod.torch = _CpuTorch()
     _ENABLED = True
     return True

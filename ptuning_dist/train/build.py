@@ -78,16 +78,19 @@ def examples(run: Run, split: str, manual: bool = False) -> list[Example]:
     return encode_rows(rows, template_for, run.tok, run.cfg.data.max_seq_len, run.cands)
 
 
-def build_model(run: Run, seed: int) -> tuple[PTuningModel, PromptEncoder]:
+def build_model(run: Run, seed: int) -> tuple[PTuningModel, PromptEncoder | None]:
     """The encoder (seeded: identical on every rank) and the model around the frozen backbone.
-    Asserts right after wrapping that the only trainable parameters are the encoder's."""
+    Under pipeline parallelism only the first stage holds the encoder (None elsewhere). Asserts
+    right after wrapping that the only trainable parameters are the encoder's."""
     hidden = run.backbone.hidden_size
-    torch.manual_seed(seed)
-    encoder = PromptEncoder(run.cfg.prompt.encoder, run.template.n_prompt, hidden, run.cfg.prompt.lstm_dropout)
-    encoder.to(run.device)
+    encoder, expected = None, 0
+    if run.backbone.is_first_stage:
+        torch.manual_seed(seed)
+        encoder = PromptEncoder(run.cfg.prompt.encoder, run.template.n_prompt, hidden, run.cfg.prompt.lstm_dropout)
+        encoder.to(run.device)
+        expected = PromptEncoder.expected_num_params(encoder.kind, encoder.n_prompt, hidden)
     model = PTuningModel(run.backbone, encoder, _to(run.cands.tensor(), run.device))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    expected = PromptEncoder.expected_num_params(encoder.kind, encoder.n_prompt, hidden)
     assert trainable == expected, f"trainable parameters {trainable} != the encoder's {expected}"
     return model, encoder
 

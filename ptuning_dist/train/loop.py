@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ptuning_dist.backbone.megatron_import import check_layout
 from ptuning_dist.config import RunConfig
 from ptuning_dist.errors import ConfigError
 from ptuning_dist.data.collate import SampleStream, collate
@@ -39,6 +41,7 @@ from ptuning_dist.parallel import launch
 from ptuning_dist.parallel.checkpointing import apply_activation_checkpointing
 from ptuning_dist.parallel.ds_config import load_ds_config, zero_stage
 from ptuning_dist.parallel.fsdp import shard_frozen_fsdp2
+from ptuning_dist.parallel.pipeline import PipelineSchedule
 from ptuning_dist.parallel.zero import hf_zero3_context, shard_frozen
 from ptuning_dist.prompt.export import ENCODER_FILE, save_encoder, save_table
 from ptuning_dist.train import checkpoint as ckpt
@@ -63,7 +66,8 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
     """Run training, evaluation and export; returns the final eval results (on every rank).
 
     ``hooks`` (for tests and diagnostics) may define ``after_setup(model, encoder, engine)`` and
-    ``after_backward(step, encoder)`` (encoder gradients final, before clipping and the update)."""
+    ``after_backward(step, encoder)`` (encoder gradients final, before clipping and the update;
+    ``encoder`` is None on pipeline stages after the first)."""
     _check_supported(cfg)
     _, world = launch.env_world()
     dp, accum = cfg.check_layout(world)
@@ -74,8 +78,8 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
     D = launch.init(need_group=ds_cfg is not None or megatron or cfg.parallel.fsdp2,
                     timeout_s=cfg.parallel.dist_timeout_s)
     if megatron:
-        launch.init_model_parallel(cfg.parallel.tp)
-    dp_rank, _, dp_group = launch.data_parallel()  # TP replicas share a data-parallel rank
+        launch.init_model_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    dp_rank, _, dp_group = launch.data_parallel()  # TP replicas and pipeline stages share a DP rank
     say = log if D.is_main else (lambda *a, **k: None)
     out = Path(cfg.train.output_dir)
     if D.is_main:
@@ -83,36 +87,44 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
         resolve_model_path(cfg)  # builds the embedded default backbone once, before others read it
     D.barrier()
 
-    hf_ctx = hf_zero3_context(ds_cfg) if zero_stage(ds_cfg) == 3 else None  # noqa: F841 - alive while loading
+    # ZeRO-3 of an HF backbone: partitioned while it loads (megatron imports whole, then partitions)
+    hf_ctx = hf_zero3_context(ds_cfg) if zero_stage(ds_cfg) == 3 and not megatron else None  # noqa: F841
     run = build_run(cfg, D.device)
+    if megatron:  # the embedded default is only known now; a given path was checked before any group
+        check_layout(run.model_path, cfg.parallel.tp, cfg.parallel.pp)
     train_ex, eval_ex = examples(run, cfg.data.train_split), examples(run, cfg.data.eval_split)
-    model, encoder = build_model(run, cfg.train.seed)
+    model, encoder = build_model(run, cfg.train.seed)  # encoder: None on pipeline stages after the first
     if cfg.parallel.activation_checkpointing:
-        apply_activation_checkpointing(run.backbone.model)
-    engine = shard_frozen(model, ds_cfg) if ds_cfg is not None else None
+        apply_activation_checkpointing(run.backbone)
+    engine = shard_frozen(model, ds_cfg, megatron) if ds_cfg is not None else None
     if cfg.parallel.fsdp2:
         shard_frozen_fsdp2(model, dp_group)
     del hf_ctx
-    if D.world > 1:
-        for p in encoder.parameters():  # identical replicas from the first step on
-            dist.broadcast(p.data, src=0)
+    pipeline = PipelineSchedule(model) if cfg.parallel.pp > 1 else None
+    if encoder is not None:
+        launch.broadcast_replicas(encoder)  # identical replicas from the first step on
     if hooks is not None and hasattr(hooks, "after_setup"):
         hooks.after_setup(model, encoder, engine)
 
-    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    opt = sched = None
+    if encoder is not None:
+        opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     stream = SampleStream(len(train_ex), cfg.train.seed)
     backbone_id = {"path": str(run.model_path), "fingerprint": run.backbone_hash}
     start = _resume(cfg, out, run, encoder, opt, sched, stream, D, say)
     if D.is_main:
         (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    say(f"backbone {run.model_path} ({cfg.model.dtype}, {cfg.model.backend} backend, tp {cfg.parallel.tp}, "
-        f"ZeRO stage {zero_stage(ds_cfg)}, dp {dp}); "
-        f"encoder {encoder.kind} m={encoder.n_prompt} ({sum(p.numel() for p in encoder.parameters()):,} "
-        f"trainable); {len(train_ex)} train / {len(eval_ex)} {cfg.data.eval_split} examples; accumulation {accum}")
+    if D.is_main:  # rank 0 is on the first pipeline stage: it holds the encoder
+        say(f"backbone {run.model_path} ({cfg.model.dtype}, {cfg.model.backend} backend, tp {cfg.parallel.tp}, "
+            f"pp {cfg.parallel.pp}, ZeRO stage {zero_stage(ds_cfg)}, dp {dp}); "
+            f"encoder {encoder.kind} m={encoder.n_prompt} ({sum(p.numel() for p in encoder.parameters()):,} "
+            f"trainable); {len(train_ex)} train / {len(eval_ex)} {cfg.data.eval_split} examples; "
+            f"accumulation {accum}")
 
     G, micro, per_rank = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.global_batch_size // dp
     release = engine.optimizer.release_backward_leftovers if zero_stage(ds_cfg) == 3 else (lambda: None)
+    forward_backward = pipeline.train_step if pipeline is not None else partial(_forward_backward, model)
     heap = launch.HostHeap(D.device)
     metrics_f = _open_metrics(out, start) if D.is_main else None
     stats = torch.zeros(2, dtype=torch.float64, device=D.device)  # loss sum, tokens since the last log
@@ -123,41 +135,45 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
                initial=start, total=cfg.train.max_steps, mininterval=1.0)
     for step in bar:
         maybe_fail("step", step)
-        idx = stream.take(G)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        table_MH = encoder()
-        table_leaf = table_MH.detach().requires_grad_()
-        step_loss = torch.zeros((), device=D.device)
-        for i in range(0, per_rank, micro):
-            batch = collate([train_ex[j] for j in idx[i : i + micro]], run.tok.pad_id).to(D.device)
-            loss = model.loss(batch, table_leaf) / accum
-            loss.backward()
-            step_loss += loss.detach()
-            stats[1] += batch.n_tokens
+        rows = [train_ex[j] for j in stream.take(G)[dp_rank * per_rank : (dp_rank + 1) * per_rank]]
+        # a pipeline sends one activation shape per step: pad to the step's longest row (a host int)
+        seq_len = max(len(e.enc.ids) for e in rows) if pipeline is not None else None
+        batches = [collate(rows[i : i + micro], run.tok.pad_id, seq_len).to(D.device) for i in range(0, per_rank, micro)]
+        table_MH = table_leaf = None
+        if encoder is not None:
+            table_MH = encoder()
+            table_leaf = table_MH.detach().requires_grad_()
+        step_loss = forward_backward(batches, table_leaf)
+        stats[1] += sum(b.n_tokens for b in batches)
         release()  # ZeRO-3: re-partition what a recomputed block left gathered
-        grad_MH = table_leaf.grad
-        if dp > 1:  # over DP only: TP replicas already hold the same table gradient
-            dist.all_reduce(grad_MH, group=dp_group)
-            grad_MH /= dp
-        table_MH.backward(grad_MH)
+        if encoder is not None:
+            grad_MH = table_leaf.grad
+            if dp > 1:  # over DP only: TP replicas already hold the same table gradient
+                dist.all_reduce(grad_MH, group=dp_group)
+                grad_MH /= dp
+            table_MH.backward(grad_MH)
         if hooks is not None and hasattr(hooks, "after_backward"):
             hooks.after_backward(step, encoder)
-        if cfg.train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.train.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        if encoder is not None:
+            if cfg.train.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.train.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
         heap.after_step()  # CPU, PTUNING_HOST_MALLOC=trim: return the heap pages ZeRO-3's gathers fragmented
-        stats[0] += step_loss
+        stats[0] += step_loss  # zero on pipeline stages before the last
         first_bad = torch.where(torch.isfinite(step_loss) | (first_bad != _NONE), first_bad, step)
 
         saving = cfg.train.save_every and step % cfg.train.save_every == 0 or step == cfg.train.max_steps
         if step % cfg.train.log_every == 0 or saving:
             _check_finite(first_bad, D)  # host sync: log and save steps only
+            if pipeline is not None:  # the loss lives on the last stage
+                dist.all_reduce(stats[:1], group=pipeline.group)
             if dp > 1:
                 dist.all_reduce(stats, group=dp_group)
             loss_sum, tokens = stats.tolist()  # host sync: log steps only
             now = time.perf_counter()
-            rec = {"step": step, "loss": loss_sum / dp / (step - last_logged), "lr": sched.get_last_lr()[0],
+            rec = {"step": step, "loss": loss_sum / dp / (step - last_logged), "lr": sched.get_last_lr()[0] if sched else None,
                    "samples": stream.consumed, "tokens_per_s": tokens / (now - t_last)}
             if D.is_main:
                 metrics_f.write(json.dumps(rec) + "\n")
@@ -168,29 +184,34 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
         if saving:
             _save(out, step, cfg, encoder, opt, sched, stream, backbone_id, D)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
-            res = evaluate(model, eval_ex, run.cands, cfg.train.eval_batch_size, run.tok.pad_id, D.device)
+            res = evaluate(model, eval_ex, run.cands, cfg.train.eval_batch_size, run.tok.pad_id, D.device,
+                           pipeline=pipeline)
             say(f"step {step} eval {cfg.data.eval_split}: {_headline(res)}")
     if metrics_f:
         metrics_f.close()
-    return _finish(cfg, out, run, model, encoder, eval_ex, D, say)
+    return _finish(cfg, out, run, model, encoder, eval_ex, D, say, pipeline)
+
+
+def _forward_backward(model, batches, table_leaf) -> torch.Tensor:
+    """One pipeline stage (PP = 1): each micro-batch's loss / n backpropagates into table_leaf.grad."""
+    step_loss = torch.zeros((), device=batches[0].ids_BS.device)
+    for batch in batches:
+        loss = model.loss(batch, table_leaf) / len(batches)
+        loss.backward()
+        step_loss += loss.detach()
+    return step_loss
 
 
 def _check_supported(cfg: RunConfig) -> None:
-    """Refuse the layouts that are not built yet, before anything starts."""
+    """Refuse the layouts that are not built, before anything starts."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if pp > 1:
-        raise ConfigError(f"parallel.pp = {pp}: pipeline parallelism is not implemented yet; use pp = 1")
-    if tp > 1 and cfg.model.backend != "megatron":
-        raise ConfigError(f"parallel.tp = {tp} needs model.backend = megatron (--backend megatron)")
+    if (tp > 1 or pp > 1) and cfg.model.backend != "megatron":
+        raise ConfigError(f"parallel.tp = {tp}, parallel.pp = {pp}: tensor and pipeline parallelism need "
+                          "model.backend = megatron (--backend megatron)")
     if cfg.model.backend == "megatron" and cfg.model.path is not None:
-        from ptuning_dist.backbone.megatron import check_tp_layout
-
-        check_tp_layout(cfg.model.path, tp)
+        check_layout(cfg.model.path, tp, pp)
     if cfg.parallel.fsdp2 and cfg.parallel.ds_config:
         raise ConfigError("parallel.fsdp2 and parallel.ds_config both partition the backbone; choose one")
-    if cfg.model.backend == "megatron" and cfg.parallel.ds_config:
-        raise ConfigError("model.backend = megatron with parallel.ds_config: ZeRO partitioning of a megatron "
-                          "backbone is not implemented yet; use --fsdp2 true")
 
 
 def _resume(cfg, out, run, encoder, opt, sched, stream, D, say) -> int:
@@ -202,9 +223,10 @@ def _resume(cfg, out, run, encoder, opt, sched, stream, D, say) -> int:
         say(f"--resume auto: no checkpoint in {out / 'checkpoints'}; starting from step 0")
         return 0
     state, meta = ckpt.load(path, run.backbone_hash)
-    encoder.load_state_dict(state["encoder"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
+    if encoder is not None:  # pipeline stages after the first hold no encoder
+        encoder.load_state_dict(state["encoder"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
     stream.consumed = state["samples"]
     rngs = state["rng"]
     ckpt.set_rng_state(rngs[D.rank] if len(rngs) == D.world else rngs[0])
@@ -253,9 +275,10 @@ def _open_metrics(out: Path, start: int):
     return f
 
 
-def _finish(cfg, out, run, model, encoder, eval_ex, D, say) -> dict:
-    """Export the table, then evaluate through it (what inference uses) and the manual baseline."""
-    table_MH = encoder.export_table()
+def _finish(cfg, out, run, model, encoder, eval_ex, D, say, pipeline) -> dict:
+    """Export the table, then evaluate through it (what inference uses) and the manual baseline.
+    Pipeline stages after the first have no table: their layers do not read it."""
+    table_MH = encoder.export_table().to(D.device) if encoder is not None else None
     if D.is_main:
         save_encoder(out / ENCODER_FILE, encoder)
         save_table(out / "prompt_table", table_MH, template=run.template.text,
@@ -263,13 +286,13 @@ def _finish(cfg, out, run, model, encoder, eval_ex, D, say) -> dict:
                    tokenizer=str(run.model_path), vocab_size=run.tok.vocab_size,
                    extra={"task": cfg.data.task, "encoder": encoder.kind, "steps": cfg.train.max_steps})
     bs, pad = cfg.train.eval_batch_size, run.tok.pad_id
-    no_prompt = torch.zeros((0, table_MH.shape[1]), device=D.device)
+    no_prompt = torch.zeros((0, run.backbone.hidden_size), device=D.device)
     res = {
         "step": cfg.train.max_steps,
         "split": cfg.data.eval_split,
-        "ptuning": evaluate(model, eval_ex, run.cands, bs, pad, D.device, table_MH.to(D.device)),
+        "ptuning": evaluate(model, eval_ex, run.cands, bs, pad, D.device, table_MH, pipeline),
         "manual_baseline": evaluate(model, examples(run, cfg.data.eval_split, manual=True), run.cands, bs, pad,
-                                    D.device, no_prompt),
+                                    D.device, no_prompt, pipeline),
         "prompt_table": str(out / "prompt_table"),
     }
     if D.is_main:

@@ -1,0 +1,70 @@
+"""Pipeline parallelism (megatron-core 1F1B) on 2-4 gloo ranks against the single-process HF run."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from distutil import COMMON, TRAIN, WORKER, assert_matches_reference, losses, record, run, torchrun
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.mark.parametrize("tp,pp,world", [(1, 2, 2), (1, 2, 4), (2, 2, 4)])  # PP=2; PP=2 x DP=2; TP=2 x PP=2
+def test_pipeline_matches_single_process(backbone, reference, tmp_path, tp, pp, world):
+    """The default GPT-2 is tied: the last stage's head must hold the real word embeddings (a
+    random or zeroed copy would change every loss). Encoder gradients live on stage 0 only."""
+    torchrun(world, WORKER, "--record", tmp_path / "rec", "--model", backbone, "--output_dir", tmp_path,
+             "--backend", "megatron", "--tp", tp, "--pp", pp, *COMMON)
+    assert_matches_reference(reference, tmp_path, ranks=(0,))
+    last = record(tmp_path, world - 1)  # megatron's rank order: TP fastest, then DP, PP slowest
+    assert last["trainable"] == last["encoder_numel"] == 0 and not last["grads"], "an encoder beyond stage 0"
+    assert record(tmp_path, 0)["trainable"] == record(tmp_path, 0)["encoder_numel"] > 0
+
+
+def test_pipeline_llama_untied_head(family_dirs, tmp_path):
+    """LLaMA (untied lm_head, RoPE on every stage, GQA) on RTE at PP=2 against HF in one process."""
+    flags = ["--model", family_dirs["llama"], "--task", "rte", "--max_seq_len", 96, *COMMON]
+    run([sys.executable, WORKER, "--record", tmp_path / "ref" / "rec", "--output_dir", tmp_path / "ref", *flags])
+    torchrun(2, WORKER, "--record", tmp_path / "pp" / "rec", "--output_dir", tmp_path / "pp", "--backend", "megatron",
+             "--pp", 2, *flags)
+    assert_matches_reference(tmp_path / "ref", tmp_path / "pp", steps=(3,))
+
+
+def test_pipeline_recompute_bit_identical(backbone, tmp_path):
+    """megatron's full recompute at PP=2: the same bits, and the blocks really run twice."""
+    runs = {}
+    for ac in ("false", "true"):
+        out = tmp_path / ac
+        torchrun(2, WORKER, "--record", out / "rec", "--model", backbone, "--output_dir", out, "--backend", "megatron",
+                 "--pp", 2, "--activation_checkpointing", ac, *COMMON)
+        runs[ac] = out
+    assert losses(runs["true"]) == losses(runs["false"])
+    on, off = record(runs["true"], 0), record(runs["false"], 0)
+    for k, g in off["grads"][3].items():
+        assert torch.equal(on["grads"][3][k], g), k
+    for r in (0, 1):
+        on, off = record(runs["true"], r), record(runs["false"], r)
+        assert on["checkpointed_blocks"] == 1 and off["checkpointed_blocks"] == 0
+        assert on["block_forwards"] == 2 * off["block_forwards"] > 0, (on["block_forwards"], off["block_forwards"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--tp", 2], ["--pp", 2]])
+def test_launcher_model_parallel_checkpoint_and_exact_resume(backbone, tmp_path, layout):
+    """train.py at TP=2 or PP=2: runs, evaluates, exports, checkpoints; a run killed after its
+    step-3 checkpoint resumes to the same losses bit for bit."""
+    flags = ["--model", backbone, "--backend", "megatron", *layout, "--max_steps", 6, "--micro_batch_size", 4,
+             "--global_batch_size", 8, "--log_every", 1, "--save_every", 3]
+    full = tmp_path / "full"
+    torchrun(2, TRAIN, *flags, "--output_dir", full)
+    assert (full / "prompt_table" / "prompt_table.safetensors").is_file() and (full / "eval.json").is_file()
+    cut = tmp_path / "cut"
+    p = torchrun(2, TRAIN, *flags, "--output_dir", cut, ok=False, extra_env={"PTUNING_FAULT": "1:step:5"})
+    assert p.returncode != 0
+    assert sorted(x.name for x in (cut / "checkpoints").iterdir()) == ["step_00000003"]
+    p = torchrun(2, TRAIN, *flags, "--output_dir", cut, "--resume", "auto")
+    assert "resumed from" in p.stdout + p.stderr
+    assert losses(cut) == losses(full)
+    state = torch.load(full / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
+    assert len(state["rng"]) == 2 and state["samples"] == 6 * 8
