@@ -35,25 +35,29 @@ def hf_zero3_context(ds_cfg: dict):
     return HfDeepSpeedConfig(ds_cfg)
 
 
-def shard_frozen(model: PTuningModel, ds_cfg: dict):
-    """Wrap ``model.frozen`` in a partition-only DeepSpeed engine; returns the engine."""
+def shard_frozen(model: PTuningModel, ds_cfg: dict, megatron: bool = False):
+    """Wrap ``model.frozen`` in a partition-only DeepSpeed engine; returns the engine. With a
+    megatron backbone (this rank's TP/PP shard) the partitioning is over megatron's DP group
+    (``zero_megatron``: the ``mpu`` adapter and the fixes for its pipeline schedule)."""
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     frozen = model.frozen
     assert not any(p.requires_grad for p in frozen.parameters()), "FrozenLM must hold no trainable parameter"
+    mpu = None
+    if megatron:
+        from ptuning_dist.parallel import zero_megatron
+
+        zero_megatron.check_version()
+        mpu = zero_megatron.MegatronMPU()
+        zero_megatron.trace_check_over(mpu.get_data_parallel_group())
     with quiet_unless_main():
-        engine, *_ = deepspeed.initialize(model=frozen, config=ds_cfg)
+        engine, *_ = deepspeed.initialize(model=frozen, config=ds_cfg, mpu=mpu)
     if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
-        backbone = frozen.backbone.model
-        external = [backbone.get_input_embeddings().weight, backbone.get_output_embeddings().weight]
-        if backbone.get_output_embeddings().bias is not None:
-            external.append(backbone.get_output_embeddings().bias)
-        seen = set()
-        for p in external:
-            if id(p) not in seen:
-                seen.add(id(p))
-                deepspeed.zero.register_external_parameter(frozen, p)
+        for p in frozen.backbone.directly_read_parameters():
+            deepspeed.zero.register_external_parameter(frozen, p)
+        if megatron:
+            zero_megatron.apply(engine, frozen)
         dp = engine.dp_world_size
         wrong = [(n, full, local) for n, full, local in partition_sizes(frozen) if local != -(-full // dp)]
         if wrong:  # once at start-up: a backbone left whole would silently cost DP x the memory
