@@ -208,20 +208,23 @@ def test_tensor_parallel_activation_checkpointing_bit_identical(backbone, tmp_pa
         assert torch.equal(runs["true"][1]["grads"][3][k], g), k
 
 
-@pytest.mark.parametrize("backend,world", [("hf", 2), ("megatron", 4)])  # DP=2; TP=2 x DP=2
-def test_fsdp2_partitions_over_dp_and_matches(backbone, reference, tmp_path, backend, world):
+@pytest.mark.parametrize("backend,world,layout", [("hf", 2, []), ("megatron", 4, ["--tp", 2]), ("megatron", 4, ["--pp", 2])],
+                         ids=["hf-dp2", "tp2xdp2", "pp2xdp2"])
+def test_fsdp2_partitions_over_dp_and_matches(backbone, reference, tmp_path, backend, world, layout):
     torchrun(world, WORKER, "--record", tmp_path / "rec", "--model", backbone, "--output_dir", tmp_path,
-             "--backend", backend, "--tp", world // 2, "--fsdp2", "true", *COMMON)
+             "--backend", backend, *layout, "--fsdp2", "true", *COMMON)
     a, b = losses(reference), losses(tmp_path)
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
     ref = torch.load(reference / "rec" / "rank0.pt")
     r0 = torch.load(tmp_path / "rec" / "rank0.pt")
     for name, g in ref["grads"][3].items():
         torch.testing.assert_close(r0["grads"][3][name], g, atol=1e-5, rtol=1e-4, msg=name)
-    for name, full, local in r0["partitions"]:
-        assert local < full or full == 1, f"{name}: {local} of {full} elements on rank 0, not sharded"
-        assert local <= -(-full // 2) + full // 2 ** 6, f"{name}: {local} of {full}"  # ~half, dim-0 rounding
-    assert r0["not_dtensor"][1] == r0["not_dtensor"][3] == 0, "FSDP2 left parameters gathered after a step"
+    for r in range(world):  # every stage's shard
+        rec = torch.load(tmp_path / "rec" / f"rank{r}.pt")
+        for name, full, local in rec["partitions"]:
+            assert local < full or full == 1, f"{name}: {local} of {full} elements on rank {r}, not sharded"
+            assert local <= -(-full // 2) + full // 2 ** 6, f"{name}: {local} of {full}"  # ~half, dim-0 rounding
+        assert rec["not_dtensor"][1] == rec["not_dtensor"][3] == 0, f"rank {r}: FSDP2 left parameters gathered"
 
 
 def test_llama_tensor_parallel_training_matches_hf(family_dirs, tmp_path):
