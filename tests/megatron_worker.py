@@ -13,6 +13,31 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _wrong_mapping_logits(bb, hf, embeds, mask, target, tp):
+    """The same forward after loading layer 0 with a plausible but wrong mapping: QKV rows left in
+    HF's q|k|v order (GPT-2), or the fused [gate; up] matrix split naively across TP (LLaMA). A
+    comparison against HF that could not tell these apart would be no check of the importer."""
+    rank = dist.get_rank()
+    layer = bb.gpt.decoder.layers[0]
+    state = hf.state_dict()
+    if hf.config.model_type == "gpt2":
+        w = layer.self_attention.linear_qkv.weight
+        naive = state["transformer.h.0.attn.c_attn.weight"].t().chunk(tp, dim=0)[rank]
+    else:
+        w = layer.mlp.linear_fc1.weight
+        fused = torch.cat([state["model.layers.0.mlp.gate_proj.weight"], state["model.layers.0.mlp.up_proj.weight"]])
+        naive = fused.chunk(tp, dim=0)[rank]
+    if tp == 1 and hf.config.model_type != "gpt2":  # at TP=1 the fused matrix is not split: swap gate and up
+        naive = torch.cat(naive.chunk(2, dim=0)[::-1])
+    right = w.detach().clone()
+    w.data.copy_(naive)
+    wrong = bb.head_shard(bb.hidden_at(embeds, mask, target))
+    w.data.copy_(right)
+    parts = [torch.empty_like(wrong) for _ in range(tp)]
+    dist.all_gather(parts, wrong)
+    return torch.cat(parts, dim=-1)[:, : hf.config.vocab_size]
+
+
 def main():
     hf_dir, out = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
@@ -44,8 +69,10 @@ def main():
         head_full = bb.head(hidden, None)
         head_cands = bb.head(hidden, cands)
         embed_diff = (bb.embed(ids) - hf.get_input_embeddings().weight[ids]).abs().max()
+        wrong_diff = float((_wrong_mapping_logits(bb, hf, embeds, mask, target, tp) - ref).abs().max())
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps({"max_abs_diff": float((ours - ref).abs().max()), "tp": tp,
+                                         "wrong_mapping_diff": wrong_diff,
                                          "head_full_diff": float((head_full - ref).abs().max()),
                                          "head_cands_diff": float((head_cands - ref[:, cands]).abs().max()),
                                          "embed_diff": float(embed_diff),

@@ -55,6 +55,8 @@ def test_megatron_forward_equals_hf(family_dirs, tmp_path, tp, family):
     res = json.loads(out.read_text())
     assert res["tp"] == tp and res["max_abs_diff"] < 2e-5, res  # seen: <= 3.1e-6
     assert res["head_full_diff"] < 2e-5 and res["head_cands_diff"] < 2e-5 and res["embed_diff"] == 0, res
+    # a wrong QKV order (GPT-2) or a naive split of the fused gate/up matrix (LLaMA) is caught
+    assert res["wrong_mapping_diff"] > 1e3 * max(res["max_abs_diff"], 1e-6), res
 
 
 def test_layout_checked_from_config_json(family_dirs):
