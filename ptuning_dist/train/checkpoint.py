@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ptuning_dist.errors import CheckpointError
 from ptuning_dist.train.faults import maybe_fail
@@ -117,3 +118,47 @@ def latest_good(out_dir: Path, backbone_hash: str, log=print) -> Path | None:
         except CheckpointError as e:
             log(f"skipping checkpoint: {e}")
     return None
+
+
+def resume(cfg, out: Path, backbone_hash: str, encoder, opt, sched, stream, D, say) -> int:
+    """Restore the checkpoint ``cfg.train.resume`` names (or the newest good one for 'auto') into
+    the encoder, optimizer, scheduler, sample stream and this rank's RNG; returns the step to
+    continue after. Pipeline stages after the first have no encoder: they restore the rest."""
+    if cfg.train.resume is None:
+        return 0
+    path = latest_good(out, backbone_hash, say) if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    if path is None:
+        say(f"--resume auto: no checkpoint in {out / 'checkpoints'}; starting from step 0")
+        return 0
+    state, meta = load(path, backbone_hash)
+    if encoder is not None:  # pipeline stages after the first hold no encoder
+        encoder.load_state_dict(state["encoder"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    stream.consumed = state["samples"]
+    rngs = state["rng"]
+    set_rng_state(rngs[D.rank] if len(rngs) == D.world else rngs[0])
+    was_global = state["run_config"]["train"]["global_batch_size"]
+    if len(rngs) != D.world or was_global != cfg.train.global_batch_size:
+        order = ("the global sample order is kept" if was_global == cfg.train.global_batch_size else
+                 f"the global batch changes from {was_global} to {cfg.train.global_batch_size}, so the data order "
+                 "changes too (set --global_batch_size to keep it)")
+        say(f"resuming a {len(rngs)}-rank checkpoint on {D.world} ranks: each rank's share of every batch and "
+            f"the per-rank RNG streams change; {order}")
+    say(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def save_step(out: Path, step: int, cfg, encoder, opt, sched, stream, backbone_id: dict, D) -> None:
+    """Every rank's RNG gathered; rank 0 (first pipeline stage: it holds the encoder) writes."""
+    rng = [None] * D.world
+    if D.world > 1:
+        dist.all_gather_object(rng, rng_state())
+    else:
+        rng = [rng_state()]
+    if D.is_main:
+        state = {"step": step, "samples": stream.consumed, "encoder": encoder.state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng,
+                 "run_config": cfg.to_dict()}
+        save(out, step, state, backbone_id, D.world, cfg.train.keep_checkpoints)
+    D.barrier()

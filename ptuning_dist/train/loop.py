@@ -112,10 +112,9 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     stream = SampleStream(len(train_ex), cfg.train.seed)
     backbone_id = {"path": str(run.model_path), "fingerprint": run.backbone_hash}
-    start = _resume(cfg, out, run, encoder, opt, sched, stream, D, say)
-    if D.is_main:
-        (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    start = ckpt.resume(cfg, out, run.backbone_hash, encoder, opt, sched, stream, D, say)
     if D.is_main:  # rank 0 is on the first pipeline stage: it holds the encoder
+        (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         say(f"backbone {run.model_path} ({cfg.model.dtype}, {cfg.model.backend} backend, tp {cfg.parallel.tp}, "
             f"pp {cfg.parallel.pp}, ZeRO stage {zero_stage(ds_cfg)}, dp {dp}); "
             f"encoder {encoder.kind} m={encoder.n_prompt} ({sum(p.numel() for p in encoder.parameters()):,} "
@@ -173,8 +172,9 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
                 dist.all_reduce(stats, group=dp_group)
             loss_sum, tokens = stats.tolist()  # host sync: log steps only
             now = time.perf_counter()
-            rec = {"step": step, "loss": loss_sum / dp / (step - last_logged), "lr": sched.get_last_lr()[0] if sched else None,
-                   "samples": stream.consumed, "tokens_per_s": tokens / (now - t_last)}
+            rec = {"step": step, "loss": loss_sum / dp / (step - last_logged),
+                   "lr": sched.get_last_lr()[0] if sched else None, "samples": stream.consumed,
+                   "tokens_per_s": tokens / (now - t_last)}
             if D.is_main:
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
@@ -182,7 +182,7 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
             stats.zero_()
             t_last, last_logged = now, step
         if saving:
-            _save(out, step, cfg, encoder, opt, sched, stream, backbone_id, D)
+            ckpt.save_step(out, step, cfg, encoder, opt, sched, stream, backbone_id, D)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
             res = evaluate(model, eval_ex, run.cands, cfg.train.eval_batch_size, run.tok.pad_id, D.device,
                            pipeline=pipeline)
@@ -212,47 +212,6 @@ def _check_supported(cfg: RunConfig) -> None:
         check_layout(cfg.model.path, tp, pp)
     if cfg.parallel.fsdp2 and cfg.parallel.ds_config:
         raise ConfigError("parallel.fsdp2 and parallel.ds_config both partition the backbone; choose one")
-
-
-def _resume(cfg, out, run, encoder, opt, sched, stream, D, say) -> int:
-    """Restore a checkpoint if asked; returns the step to continue after."""
-    if cfg.train.resume is None:
-        return 0
-    path = ckpt.latest_good(out, run.backbone_hash, say) if cfg.train.resume == "auto" else Path(cfg.train.resume)
-    if path is None:
-        say(f"--resume auto: no checkpoint in {out / 'checkpoints'}; starting from step 0")
-        return 0
-    state, meta = ckpt.load(path, run.backbone_hash)
-    if encoder is not None:  # pipeline stages after the first hold no encoder
-        encoder.load_state_dict(state["encoder"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-    stream.consumed = state["samples"]
-    rngs = state["rng"]
-    ckpt.set_rng_state(rngs[D.rank] if len(rngs) == D.world else rngs[0])
-    was_global = state["run_config"]["train"]["global_batch_size"]
-    if len(rngs) != D.world or was_global != cfg.train.global_batch_size:
-        order = ("the global sample order is kept" if was_global == cfg.train.global_batch_size else
-                 f"the global batch changes from {was_global} to {cfg.train.global_batch_size}, so the data order "
-                 "changes too (set --global_batch_size to keep it)")
-        say(f"resuming a {len(rngs)}-rank checkpoint on {D.world} ranks: each rank's share of every batch and "
-            f"the per-rank RNG streams change; {order}")
-    say(f"resumed from {path} at step {state['step']}")
-    return state["step"]
-
-
-def _save(out, step, cfg, encoder, opt, sched, stream, backbone_id, D) -> None:
-    rng = [None] * D.world
-    if D.world > 1:
-        dist.all_gather_object(rng, ckpt.rng_state())
-    else:
-        rng = [ckpt.rng_state()]
-    if D.is_main:
-        state = {"step": step, "samples": stream.consumed, "encoder": encoder.state_dict(),
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng,
-                 "run_config": cfg.to_dict()}
-        ckpt.save(out, step, state, backbone_id, D.world, cfg.train.keep_checkpoints)
-    D.barrier()
 
 
 def _check_finite(first_bad: torch.Tensor, D) -> None:
