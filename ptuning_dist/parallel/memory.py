@@ -1,0 +1,271 @@
+"""Per-rank memory of a TP x PP x DP layout, predicted from the model's shape alone.
+
+Why: choosing a layout for a 20B or 530B backbone must not need the machines to try it. This
+module says, for every rank (pp_stage, tp_rank, dp_rank), which frozen parameters it holds and how
+many of their elements (the megatron backbone's exact layout, checked name by name against
+``ptuning_dist.parallel.zero.partition_sizes`` of real runs in tests/test_memory_model.py), what the
+replicated prompt encoder and its AdamW cost, and an activation estimate. It is pure arithmetic:
+no torch.distributed, no megatron import, so a dry-run planner can call it for 1000s of layouts.
+
+The layout (the contract with ``ptuning_dist.backbone.megatron_import``):
+- stage s of pp holds transformer layers [s L/pp, (s+1) L/pp), named ``decoder.layers.{local i}``;
+- column-parallel weights (qkv, fc1) split rows over TP, row-parallel ones (proj, fc2) columns,
+  norms and row-parallel biases are replicated; the vocabulary is padded to a multiple of TP;
+- stage 0 holds the word embeddings (and GPT-2's learned positions, replicated over TP); the last
+  stage the final norm and, when pp > 1 or the model is untied, ``output_layer.weight`` (for a tied
+  model at pp > 1 a real copy of the word embeddings);
+- DP partitioning of every frozen parameter: 'zero3' ceil(numel/dp) elements on every rank,
+  'fsdp2' rank r's chunk of torch.chunk(dim 0, dp), 'none' all of it.
+Global rank -> coordinates follows megatron's default order "tp-cp-ep-dp-pp":
+rank = tp_rank + tp * (dp_rank + dp * pp_stage).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from math import prod
+from pathlib import Path
+from typing import Mapping
+
+from ptuning_dist.prompt.encoder import PromptEncoder
+
+PARTITIONINGS = ("none", "zero3", "fsdp2")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs of a GPT-2 or LLaMA config (megatron's view of it)."""
+
+    family: str  # 'gpt2' | 'llama'
+    layers: int
+    hidden: int
+    heads: int
+    kv_groups: int
+    ffn: int
+    vocab: int
+    max_positions: int
+    tied_embeddings: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads  # megatron's kv_channels default, as the importer assumes
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping | str | Path) -> "ModelShape":
+        """From config.json's contents (a mapping) or a model directory / config.json path."""
+        if not isinstance(cfg, Mapping):
+            path = Path(cfg)
+            cfg = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+        kind = cfg.get("model_type")
+        if kind == "gpt2":  # the importer always ties GPT-2's head to the word embeddings
+            h = cfg["n_embd"]
+            return cls("gpt2", cfg["n_layer"], h, cfg["n_head"], cfg["n_head"], cfg.get("n_inner") or 4 * h,
+                       cfg["vocab_size"], cfg["n_positions"], True)
+        if kind == "llama":
+            heads = cfg["num_attention_heads"]
+            return cls("llama", cfg["num_hidden_layers"], cfg["hidden_size"], heads,
+                       cfg.get("num_key_value_heads") or heads, cfg["intermediate_size"], cfg["vocab_size"],
+                       cfg["max_position_embeddings"], bool(cfg.get("tie_word_embeddings", False)))
+        raise ValueError(f"no memory model for model_type {kind!r} (gpt2, llama)")
+
+    def hf_num_params(self) -> int:
+        """The Hugging Face model's parameter count (tied tables counted once)."""
+        return _full_depth_numel(self, tp=1)
+
+    def padded_vocab(self, tp: int) -> int:
+        return -(-self.vocab // tp) * tp
+
+    def check(self, tp: int, pp: int) -> None:
+        """The divisibility the megatron backbone needs (raises ValueError)."""
+        for what, n, by in (("attention heads", self.heads, tp), ("key/value groups", self.kv_groups, tp),
+                            ("ffn width", self.ffn, tp), ("layers", self.layers, pp)):
+            if n % by:
+                raise ValueError(f"{by} does not divide the {n} {what}")
+
+
+@dataclass(frozen=True)
+class FrozenParam:
+    """One frozen parameter on one rank: its TP/PP shard's shape and the elements held after DP."""
+
+    name: str  # megatron name, without the module prefix
+    shape: tuple[int, ...]  # on this TP/PP shard
+    tp_split: bool  # False: replicated over TP (norms, row-parallel biases, positions)
+    held: int  # elements held after DP partitioning
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+@dataclass
+class RankMemory:
+    """Predicted bytes on one rank. ``step_bytes`` is the training-step peak; ``load_bytes`` the
+    import peak (every rank reads the whole HF checkpoint in fp32); both exclude the runtime."""
+
+    pp_stage: int
+    tp_rank: int
+    dp_rank: int
+    frozen: list[FrozenParam] = field(default_factory=list)
+    frozen_bytes: int = 0  # frozen elements held x dtype bytes
+    encoder_bytes: int = 0  # fp32 encoder + AdamW moments (+ grads and the update's temporary: step peak)
+    activation_bytes: int = 0
+    gather_bytes: int = 0  # DP-partitioned weights gathered for compute (0 without partitioning)
+    load_bytes: int = 0
+
+    @property
+    def step_bytes(self) -> int:
+        return self.frozen_bytes + self.encoder_bytes + self.activation_bytes + self.gather_bytes
+
+
+def _layer_params(m: ModelShape, tp: int) -> list[tuple[str, tuple[int, ...], bool]]:
+    """One transformer layer's (name, TP-shard shape, tp_split) in megatron's registration order."""
+    h, f, hd = m.hidden, m.ffn // tp, m.head_dim
+    qkv_rows_tp = (m.heads + 2 * m.kv_groups) * hd // tp
+    proj_in_tp = m.heads * hd // tp
+    if m.family == "gpt2":
+        return [("input_layernorm.weight", (h,), False), ("input_layernorm.bias", (h,), False),
+                ("self_attention.linear_proj.weight", (h, proj_in_tp), True),
+                ("self_attention.linear_proj.bias", (h,), False),
+                ("self_attention.linear_qkv.weight", (qkv_rows_tp, h), True),
+                ("self_attention.linear_qkv.bias", (qkv_rows_tp,), True),
+                ("pre_mlp_layernorm.weight", (h,), False), ("pre_mlp_layernorm.bias", (h,), False),
+                ("mlp.linear_fc1.weight", (f, h), True), ("mlp.linear_fc1.bias", (f,), True),
+                ("mlp.linear_fc2.weight", (h, f), True), ("mlp.linear_fc2.bias", (h,), False)]
+    return [("input_layernorm.weight", (h,), False),
+            ("self_attention.linear_proj.weight", (h, proj_in_tp), True),
+            ("self_attention.linear_qkv.weight", (qkv_rows_tp, h), True),
+            ("pre_mlp_layernorm.weight", (h,), False),
+            ("mlp.linear_fc1.weight", (2 * f, h), True),  # [gate; up], each split over TP
+            ("mlp.linear_fc2.weight", (h, f), True)]
+
+
+def _global_params(m: ModelShape, tp: int, pp: int, stage: int | None = None):
+    """The non-layer parameters of ``stage`` in registration order; with ``stage`` None, the whole
+    model's as Hugging Face has them (a tied head is no parameter of its own)."""
+    first, last = stage in (None, 0), stage in (None, pp - 1)
+    vocab_tp, h = m.padded_vocab(tp) // tp, m.hidden
+    out = []
+    if first:
+        out.append(("embedding.word_embeddings.weight", (vocab_tp, h), True))
+        if m.family == "gpt2":
+            out.append(("embedding.position_embeddings.weight", (m.max_positions, h), False))
+    if last:
+        out.append(("decoder.final_layernorm.weight", (h,), False))
+        if m.family == "gpt2":
+            out.append(("decoder.final_layernorm.bias", (h,), False))
+        if not m.tied_embeddings or (pp > 1 and stage is not None):
+            out.append(("output_layer.weight", (vocab_tp, h), True))
+    return out
+
+
+def _full_depth_numel(m: ModelShape, tp: int) -> int:
+    """Elements of one TP rank's shard of the whole model (all layers, no pipeline cut)."""
+    return (sum(prod(s) for _, s, _ in _layer_params(m, tp)) * m.layers
+            + sum(prod(s) for _, s, _ in _global_params(m, tp, 1)))
+
+
+def dp_held(shape: tuple[int, ...], dp: int, dp_rank: int, partitioning: str) -> int:
+    """Elements of a ``shape`` tensor that DP rank ``dp_rank`` holds outside forward/backward."""
+    numel = prod(shape)
+    if partitioning == "none":
+        return numel
+    if partitioning == "zero3":
+        return -(-numel // dp)
+    if partitioning == "fsdp2":  # torch.chunk over dim 0: ceil(rows/dp) rows a chunk, trailing ranks may hold 0
+        rows, chunk = shape[0], -(-shape[0] // dp)
+        return max(0, min(rows, (dp_rank + 1) * chunk) - dp_rank * chunk) * (numel // rows)
+    raise ValueError(f"partitioning {partitioning!r} is not one of {PARTITIONINGS}")
+
+
+def rank_coords(rank: int, tp: int, pp: int, dp: int) -> tuple[int, int, int]:
+    """Global rank -> (pp_stage, tp_rank, dp_rank), megatron's default order."""
+    if not 0 <= rank < tp * pp * dp:
+        raise ValueError(f"rank {rank} outside a world of tp*pp*dp = {tp * pp * dp}")
+    return rank // (tp * dp), rank % tp, rank // tp % dp
+
+
+def stage_params(m: ModelShape, tp: int, pp: int, dp: int, pp_stage: int, dp_rank: int = 0,
+                 partitioning: str = "none") -> list[FrozenParam]:
+    """Every frozen parameter of one rank, in the order ``named_parameters()`` lists them."""
+    m.check(tp, pp)
+    per_stage = m.layers // pp
+    glob = _global_params(m, tp, pp, pp_stage)
+    table = [g for g in glob if g[0].startswith("embedding.")]
+    table += [(f"decoder.layers.{i}.{n}", s, t) for i in range(per_stage) for n, s, t in _layer_params(m, tp)]
+    table += [g for g in glob if not g[0].startswith("embedding.")]
+    return [FrozenParam(n, s, t, dp_held(s, dp, dp_rank, partitioning)) for n, s, t in table]
+
+
+def predicted_partitions(m: ModelShape, tp: int, pp: int, dp: int, rank: int, partitioning: str = "none",
+                         prefix: str = "backbone.gpt.") -> list[tuple[str, int, int]]:
+    """Global rank ``rank``'s (name, numel on its TP/PP shard, elements held) in the form of
+    ``partition_sizes(model.frozen)`` (whose names start with ``backbone.gpt.``)."""
+    stage, _, dp_rank = rank_coords(rank, tp, pp, dp)
+    return [(prefix + p.name, p.numel, p.held) for p in stage_params(m, tp, pp, dp, stage, dp_rank, partitioning)]
+
+
+def activation_bytes(m: ModelShape, tp: int, pp: int, pp_stage: int, micro_batch: int, seq_len: int,
+                     dtype_bytes: int, checkpointing: bool, micro_batches: int | None = None) -> int:
+    """Activations alive at the peak of a step on one rank (an estimate, b = micro_batch, s = seq_len).
+
+    The backbone is frozen, so megatron's frozen-weight linears save only their weight (not their
+    input) and what one layer keeps for the input gradient is, in elements:
+
+        saved = s*b*(2h + (2a + 2g)*d + k*f) + b*a*s*s
+
+    with a = heads/tp, g = kv_groups/tp, d = head_dim, f = ffn/tp: the two norm inputs (2h); q, k,
+    v and the copy of q the attention's reshape makes ((2a + 2g)*d; under GQA k and v are expanded
+    to all heads, so this is approximate); the MLP's nonlinearity (k = 1: GELU's input; LLaMA
+    k = 3: fc1's [gate|up] output and SiLU's output); the softmax output (b*a*s*s).
+    Without checkpointing a stage keeps ``saved`` for each of its layers, plus its input (s*b*h),
+    plus one layer's gradients (bounded by ``saved``); with checkpointing only the layer inputs
+    (s*b*h each) and its input, plus one layer recomputed and its gradients (2 x saved). Under 1F1B,
+    stage ``pp_stage`` holds min(pp - pp_stage, micro_batches) micro-batches in flight.
+    """
+    h, a, g, d, f = m.hidden, m.heads // tp, m.kv_groups // tp, m.head_dim, m.ffn // tp
+    k = 1 if m.family == "gpt2" else 3
+    s, b = seq_len, micro_batch
+    saved = s * b * (2 * h + (2 * a + 2 * g) * d + k * f) + b * a * s * s
+    layers = m.layers // pp
+    in_flight = min(pp - pp_stage, micro_batches or pp - pp_stage)
+    if checkpointing:
+        elements = in_flight * (layers + 1) * s * b * h + 2 * saved
+    else:
+        elements = in_flight * (layers * saved + s * b * h) + saved
+    return elements * dtype_bytes
+
+
+def layout_memory(m: ModelShape, tp: int = 1, pp: int = 1, dp: int = 1, *, dtype_bytes: int = 4,
+                  partitioning: str = "none", n_prompt: int = 6, encoder: str = "lstm", micro_batch: int = 8,
+                  seq_len: int = 128, checkpointing: bool = False, micro_batches: int | None = None
+                  ) -> list[RankMemory]:
+    """Predicted memory of every rank, in global rank order.
+
+    Encoder (stage 0 only, replicated over TP and DP; fp32): n = ``expected_num_params`` parameters,
+    12n bytes always alive (parameters and AdamW's two moments) + 8n at the update (gradients and the
+    multi-tensor AdamW's sqrt temporary). Gathers ('zero3'/'fsdp2', dp > 1): what the stage holds
+    outside its layers (embeddings, final norm, head) gathered for the whole step, plus three layers'
+    worth (the layer computing, the one prefetched, the flat all-gather buffer; two on a one-layer stage). Load: the megatron
+    importer reads the whole HF model in fp32 on every rank, converts all layers to this TP rank's
+    shard in ``dtype_bytes``, then builds the stage's model: 4 P_hf + (full-depth shard + stage) bytes.
+    """
+    n_enc = PromptEncoder.expected_num_params(encoder, n_prompt, m.hidden)
+    full_depth, per_stage = _full_depth_numel(m, tp), m.layers // pp
+    layer = sum(prod(s) for _, s, _ in _layer_params(m, tp))
+    cache: dict[tuple[int, int], RankMemory] = {}  # TP ranks of one (stage, DP rank) hold the same sizes
+    out = []
+    for rank in range(tp * pp * dp):
+        stage, tp_rank, dp_rank = rank_coords(rank, tp, pp, dp)
+        key = (stage, dp_rank if partitioning == "fsdp2" else 0)
+        if key not in cache:
+            params = stage_params(m, tp, pp, dp, stage, key[1], partitioning)
+            r = cache[key] = RankMemory(stage, 0, 0, params, sum(p.held for p in params) * dtype_bytes)
+            r.encoder_bytes = 20 * n_enc if stage == 0 else 0
+            r.activation_bytes = activation_bytes(m, tp, pp, stage, micro_batch, seq_len, dtype_bytes, checkpointing,
+                                                  micro_batches)
+            if partitioning != "none" and dp > 1:
+                outside = sum(p.numel - p.held for p in params if not p.name.startswith("decoder.layers."))
+                r.gather_bytes = (outside + min(3, per_stage + 1) * layer) * dtype_bytes
+            r.load_bytes = 4 * m.hf_num_params() + (full_depth + sum(p.numel for p in params)) * dtype_bytes
+        out.append(replace(cache[key], tp_rank=tp_rank, dp_rank=dp_rank))
+    return out
