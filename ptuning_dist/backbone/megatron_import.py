@@ -99,8 +99,8 @@ def gpt2_to_megatron(hf_state: dict, hf_config, tp: int, rank: int) -> dict:
     if heads % tp:
         raise ConfigError(f"parallel.tp = {tp} does not divide the {heads} attention heads")
 
-    def shard(w, dim):
-        return w if dim is None else w.chunk(tp, dim=dim)[rank].contiguous()
+    def shard(w, dim):  # a copy: a view would keep the whole full-size tensor alive
+        return w if dim is None else w.chunk(tp, dim=dim)[rank].clone()
 
     out = {}
     table = [(m, h, f, d) for m, h, f, d in GPT2_GLOBAL]
@@ -122,8 +122,8 @@ def llama_to_megatron(hf_state: dict, hf_config, tp: int, rank: int) -> dict:
         raise ConfigError(f"parallel.tp = {tp} must divide the {heads} heads and {groups} key/value groups")
     hn = hf_config.hidden_size // heads
 
-    def shard(w, dim):
-        return w if dim is None else w.chunk(tp, dim=dim)[rank].contiguous()
+    def shard(w, dim):  # a copy: a view would keep the whole full-size tensor alive
+        return w if dim is None else w.chunk(tp, dim=dim)[rank].clone()
 
     out = {m: shard(hf_state[h], d) for m, h, _, d in LLAMA_GLOBAL}
     for i in range(hf_config.num_hidden_layers):

@@ -86,6 +86,7 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         resolve_model_path(cfg)  # builds the embedded default backbone once, before others read it
     D.barrier()
+    heap = launch.HostHeap(D.device)  # before loading: the checkpoint read whole is then returned when freed
 
     # ZeRO-3 of an HF backbone: partitioned while it loads (megatron imports whole, then partitions)
     hf_ctx = hf_zero3_context(ds_cfg) if zero_stage(ds_cfg) == 3 and not megatron else None  # noqa: F841
@@ -124,7 +125,6 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
     G, micro, per_rank = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.global_batch_size // dp
     release = engine.optimizer.release_backward_leftovers if zero_stage(ds_cfg) == 3 else (lambda: None)
     forward_backward = pipeline.train_step if pipeline is not None else partial(_forward_backward, model)
-    heap = launch.HostHeap(D.device)
     metrics_f = _open_metrics(out, start) if D.is_main else None
     stats = torch.zeros(2, dtype=torch.float64, device=D.device)  # loss sum, tokens since the last log
     first_bad = torch.full((), _NONE, dtype=torch.long, device=D.device)
