@@ -66,6 +66,9 @@ def main():
                 if encoder is not None:  # pipeline stages after the first have none
                     rec["grads"][step] = {n: p.grad.clone() for n, p in encoder.named_parameters()}
                     rec["params"][step] = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+                # frozen parameters holding a gradient (none may: only the encoder trains)
+                rec.setdefault("frozen_grads", {})[step] = [n for n, p in rec["_frozen"].named_parameters()
+                                                            if p.grad is not None or p.requires_grad]
                 # elements of frozen weights materialised on this rank after the backward
                 rec.setdefault("materialised", {})[step] = {n: p.data.numel() for n, p in rec["_frozen"].named_parameters()
                                                             if p.data.numel()}

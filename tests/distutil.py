@@ -61,3 +61,16 @@ def assert_matches_reference(reference: Path, out: Path, ranks=(0,), steps=(1, 3
             assert ref["grads"][step].keys() == rec["grads"][step].keys()
             for name, g in ref["grads"][step].items():
                 torch.testing.assert_close(rec["grads"][step][name], g, atol=tol, rtol=1e-4, msg=f"{step} {name}")
+
+
+def assert_partitions_predicted(out: Path, model_dir, world: int, tp: int = 1, pp: int = 1,
+                                partitioning: str = "none") -> None:
+    """Every rank of a megatron run holds exactly the frozen parameters, name by name and element
+    count by element count, that the memory model (``ptuning_dist.parallel.memory``) predicts."""
+    from ptuning_dist.parallel.memory import ModelShape, predicted_partitions
+
+    shape, dp = ModelShape.from_hf_config(model_dir), world // (tp * pp)
+    for rank in range(world):
+        got = [tuple(x) for x in record(out, rank)["partitions"]]
+        want = predicted_partitions(shape, tp, pp, dp, rank, partitioning)
+        assert got == want, f"rank {rank}: recorded {got} != predicted {want}"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from distutil import BIN, COMMON, ROOT, WORKER, losses, run, torchrun
+from distutil import BIN, COMMON, ROOT, WORKER, assert_partitions_predicted, losses, run, torchrun
 
 from ptuning_dist.backbone.tiny import default_backbone
 from ptuning_dist.parallel.launch import free_port
@@ -193,6 +193,7 @@ def test_tensor_parallel_megatron_matches_single_process(backbone, reference, tm
             torch.testing.assert_close(r0["grads"][step][name], g, atol=1e-5, rtol=1e-4, msg=f"{step} {name}")
             assert torch.equal(r0["grads"][step][name], r1["grads"][step][name]), f"TP replicas differ: {name}"
     assert r0["trainable"] == r0["encoder_numel"]
+    assert_partitions_predicted(tmp_path, backbone, world, tp=2)
 
 
 def test_tensor_parallel_activation_checkpointing_bit_identical(backbone, tmp_path):
@@ -225,6 +226,9 @@ def test_fsdp2_partitions_over_dp_and_matches(backbone, reference, tmp_path, bac
             assert local < full or full == 1, f"{name}: {local} of {full} elements on rank {r}, not sharded"
             assert local <= -(-full // 2) + full // 2 ** 6, f"{name}: {local} of {full}"  # ~half, dim-0 rounding
         assert rec["not_dtensor"][1] == rec["not_dtensor"][3] == 0, f"rank {r}: FSDP2 left parameters gathered"
+    if backend == "megatron":
+        tp, pp = (2, 1) if layout[0] == "--tp" else (1, 2)
+        assert_partitions_predicted(tmp_path, backbone, world, tp, pp, "fsdp2")
 
 
 def test_llama_tensor_parallel_training_matches_hf(family_dirs, tmp_path):

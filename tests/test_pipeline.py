@@ -5,7 +5,8 @@ import sys
 
 import pytest
 import torch
-from distutil import COMMON, TRAIN, WORKER, assert_matches_reference, losses, record, run, torchrun
+from distutil import (COMMON, TRAIN, WORKER, assert_matches_reference, assert_partitions_predicted, losses,
+                      record, run, torchrun)
 
 pytestmark = pytest.mark.dist
 
@@ -20,6 +21,9 @@ def test_pipeline_matches_single_process(backbone, reference, tmp_path, tp, pp, 
     last = record(tmp_path, world - 1)  # megatron's rank order: TP fastest, then DP, PP slowest
     assert last["trainable"] == last["encoder_numel"] == 0 and not last["grads"], "an encoder beyond stage 0"
     assert record(tmp_path, 0)["trainable"] == record(tmp_path, 0)["encoder_numel"] > 0
+    for r in range(world):
+        assert record(tmp_path, r)["frozen_grads"][3] == [], f"rank {r}: a frozen weight got a gradient"
+    assert_partitions_predicted(tmp_path, backbone, world, tp, pp)
 
 
 def test_pipeline_llama_untied_head(family_dirs, tmp_path):
@@ -29,6 +33,7 @@ def test_pipeline_llama_untied_head(family_dirs, tmp_path):
     torchrun(2, WORKER, "--record", tmp_path / "pp" / "rec", "--output_dir", tmp_path / "pp", "--backend", "megatron",
              "--pp", 2, *flags)
     assert_matches_reference(tmp_path / "ref", tmp_path / "pp", steps=(3,))
+    assert_partitions_predicted(tmp_path / "pp", family_dirs["llama"], 2, pp=2)  # output_layer on the last stage
 
 
 def test_pipeline_recompute_bit_identical(backbone, tmp_path):

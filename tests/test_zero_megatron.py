@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distutil import COMMON, ROOT, WORKER, assert_matches_reference, losses, record, torchrun
+from distutil import (COMMON, ROOT, WORKER, assert_matches_reference, assert_partitions_predicted, losses, record,
+                      torchrun)
 
 pytestmark = pytest.mark.dist
 ZERO3 = ["--backend", "megatron", "--ds_config", ROOT / "ds_configs" / "zero3.json"]
@@ -29,11 +30,14 @@ def test_zero3_megatron_matches_single_process(backbone, reference, tmp_path, la
         wrong = [(n, full, local) for n, full, local in rec["partitions"] if local != -(-full // 2)]
         assert rec["partitions"] and not wrong, f"rank {r}: not partitioned over DP=2: {wrong[:3]}"
         assert rec["materialised"][1] == rec["materialised"][3] == {}, f"rank {r}: left gathered after a step"
+        assert rec["frozen_grads"][1] == rec["frozen_grads"][3] == [], f"rank {r}: a frozen weight got a gradient"
         # when the step's backwards are done, no transformer-layer weight is still gathered: at most
         # what FrozenLM itself gathers (on a last pipeline stage its end-of-backward hook cannot fire)
         assert max(rec["gathered_before_release"]) <= rec["directly_read_numel"], (r, rec["gathered_before_release"])
         if r in first_stage:
             assert max(rec["gathered_before_release"]) == 0, (r, rec["gathered_before_release"])
+    tp, pp = (2, 1) if layout[0] == "--tp" else (1, 2)
+    assert_partitions_predicted(tmp_path, backbone, 4, tp, pp, "zero3")
     if recompute == "true":
         assert record(tmp_path, 0)["checkpointed_blocks"] > 0
 
