@@ -21,10 +21,8 @@ with glibc's mmap threshold pinned at 1 MiB (see ``ENV``), so freed tensors leav
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from common import build_backbone, machine, parse_args, write_section  # noqa: E402 - benchmarks/common.py
 BEGIN, END = "<!-- layout_memory:begin -->", "<!-- layout_memory:end -->"
 MICRO, ACCUM = 8, 2  # micro-batches per step per DP rank: two, so a pipeline has something to overlap
 
@@ -115,16 +113,6 @@ def worker(args) -> None:
     Path(args.record, f"rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(rec))
 
 
-def build_backbone(path: Path, tiny: bool) -> Path:
-    from transformers import AutoTokenizer
-
-    from ptuning_dist.backbone.tiny import build_tiny, default_backbone
-
-    tok = AutoTokenizer.from_pretrained(default_backbone(path / "tok"))
-    size = dict(n_embd=64, n_layer=2, n_head=4) if tiny else dict(n_embd=768, n_layer=12, n_head=12)
-    return build_tiny(path / ("tiny" if tiny else "model"), "gpt2", tok, seed=0, **size)
-
-
 def _layout(world: int, flags: list[str]) -> tuple[int, int, int, str]:
     opt = dict(zip(flags[::2], flags[1::2]))
     tp, pp = int(opt.get("--tp", 1)), int(opt.get("--pp", 1))
@@ -185,13 +173,7 @@ def importer_retained(model: Path, tp: int) -> tuple[int, int]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny model only, two layouts, 2 steps; does not touch RESULTS.md")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--record", help=argparse.SUPPRESS)
-    args, rest = p.parse_known_args()
-    args.rest = rest
+    args = parse_args(__doc__, 4, "tiny model only, two layouts, 2 steps")
     if args.worker:
         return worker(args)
 
@@ -253,10 +235,10 @@ def _notes(step_rows, setup_rows, file_growth, retained) -> list[str]:
         f"{_mib(sum(file_growth) / len(file_growth))} MiB from the baseline to the last step. The model terms "
         "themselves are what B checks.",
         f"- Set-up peak: within 10% on {setup_b} of {n} ranks with runtime B ({setup_a} with A). At TP = 2 the "
-        f"importer's converted shard of TP rank 0 holds {_mib(held2)} MiB of tensors but keeps {_mib(kept2)} MiB "
-        "of storage alive (row-split chunks stay views of the whole transposed tensor: `chunk(dim=0)` of a "
-        "contiguous tensor is contiguous, so `.contiguous()` copies nothing); the memory model counts only the "
-        f"tensors. At TP = 1: {_mib(retained[1][0])} MiB of tensors, {_mib(retained[1][1])} MiB of storage.",
+        f"importer's converted shard of TP rank 0 holds {_mib(held2)} MiB of tensors in {_mib(kept2)} MiB of "
+        "storage of its own (" + ("the shards are copies, as the memory model assumes" if kept2 <= 1.05 * held2
+                                  else "more than the tensors: views keep whole tensors alive") + "). At TP = 1: "
+        f"{_mib(retained[1][0])} MiB of tensors, {_mib(retained[1][1])} MiB of storage.",
         "",
     ]
 
@@ -287,10 +269,9 @@ def _tables(step_rows, setup_rows) -> tuple[list[str], list[str]]:
 
 
 def _write_section(tables: tuple[list[str], list[str]], notes: list[str], steps: int, seconds: dict) -> None:
-    body = [BEGIN, "## Per-rank memory of TP x PP x DP layouts against the memory model", "",
+    body = ["## Per-rank memory of TP x PP x DP layouts against the memory model", "",
             "Command: `.venv/bin/python benchmarks/layout_memory.py`", "",
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"CPU only (gloo), {time.strftime('%Y-%m-%d')}. GPT-2-small-shaped backbone (12 x 768, random "
+            f"Machine: {machine()}. GPT-2-small-shaped backbone (12 x 768, random "
             "weights, fp32, the bundled task's word-level vocabulary) on the megatron backend, P-tuning LSTM "
             f"encoder, micro batch {MICRO} x {ACCUM} micro-batches per step per DP rank, {steps} steps, "
             + ", ".join(f"`{k}={v}`" for k, v in ENV.items()) + ". Wall time per layout (both models): "
@@ -304,13 +285,7 @@ def _write_section(tables: tuple[list[str], list[str]], notes: list[str], steps:
             "of the kernels, allocator and library state).", "",
             "Frozen weights and the training-step peak:", "", *tables[0], "", "Set-up (import) peak:", "",
             *tables[1], "", "Reading (computed by the script from the tables above):", "", *notes]
-    body.append(END)
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + "\n".join(body) + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
-    RESULTS.write_text(text)
+    write_section(BEGIN, END, body)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,8 @@ reports its own numbers, which the parent collects into a table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -24,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from common import build_backbone, machine, parse_args, write_section  # noqa: E402 - benchmarks/common.py
 BEGIN, END = "<!-- zero_memory:begin -->", "<!-- zero_memory:end -->"
 
 
@@ -65,24 +63,8 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def build_backbone(path: Path, quick: bool) -> Path:
-    from ptuning_dist.backbone.tiny import default_backbone
-    from ptuning_dist.backbone.tiny import build_tiny
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_backbone(path / "tok"))
-    size = dict(n_embd=64, n_layer=2, n_head=4) if quick else dict(n_embd=768, n_layer=12, n_head=12)
-    return build_tiny(path / "model", "gpt2", tok, seed=0, **size)
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny model, 3 steps; does not touch RESULTS.md")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--record", help=argparse.SUPPRESS)
-    args, rest = p.parse_known_args()
-    args.rest = rest
+    args = parse_args(__doc__, 12, "tiny model, 3 steps")
     if args.worker:
         return worker(args)
 
@@ -90,7 +72,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = build_backbone(tmp, args.quick)
+        model = build_backbone(tmp, tiny=args.quick)
         runs = [("zero0", "mmap"), ("zero3", "mmap"), ("fsdp2", "mmap"), ("zero3", "trim"), ("zero3", "off")]
         for name, malloc in runs[:2] if args.quick else runs:
             rec_dir = tmp / f"rec_{name}_{malloc}"
@@ -118,19 +100,13 @@ def main() -> None:
 
 
 def _write_section(table: list[str], steps: int) -> None:
-    body = [BEGIN, "## ZeRO-0 vs ZeRO-3 vs FSDP2 at DP=2 (issues 3 and 4)", "",
-            "Command: `.venv/bin/python benchmarks/zero_memory.py`", "",
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"CPU only (gloo), {time.strftime('%Y-%m-%d')}. GPT-2-small-shaped backbone (12 x 768, random "
-            f"weights, fp32), P-tuning LSTM encoder, global batch 16 = micro 8 x DP 2, {steps} steps; step time "
-            "is the median after 2 warm-up steps. Peak RSS includes the Python, torch and DeepSpeed runtime.",
-            "", *table, "", END]
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + "\n".join(body) + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
-    RESULTS.write_text(text)
+    write_section(BEGIN, END, [
+        "## ZeRO-0 vs ZeRO-3 vs FSDP2 at DP=2 (issues 3 and 4)", "",
+        "Command: `.venv/bin/python benchmarks/zero_memory.py`", "",
+        f"Machine: {machine()}. GPT-2-small-shaped backbone (12 x 768, random "
+        f"weights, fp32), P-tuning LSTM encoder, global batch 16 = micro 8 x DP 2, {steps} steps; step time "
+        "is the median after 2 warm-up steps. Peak RSS includes the Python, torch and DeepSpeed runtime.",
+        "", *table, ""])
 
 
 def _free_port() -> int:
