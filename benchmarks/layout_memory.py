@@ -44,6 +44,7 @@ LAYOUTS = [
     ("tp1 pp2 dp1", 2, ["--pp", "2"]),
     ("tp2 pp2 dp1", 4, ["--tp", "2", "--pp", "2"]),
     ("tp1 pp2 dp2, zero3", 4, ["--pp", "2", "--ds_config", str(ROOT / "ds_configs" / "zero3.json")]),
+    ("tp1 pp2 dp2, fsdp2", 4, ["--pp", "2", "--fsdp2", "true"]),
 ]
 # One thread per rank (2 cores here). glibc's mmap threshold pinned at 1 MiB from process start: what
 # PTUNING_HOST_MALLOC=mmap sets before the model loads, here also before the runtime baseline is read.
