@@ -7,11 +7,14 @@ LSTM under ZeRO-3 partitioning is a known failure. So:
 
 - ``FrozenLM`` (splice + backbone + head, no trainable parameter) goes into a partition-only
   engine: ``deepspeed.initialize`` with no optimizer. At stage 3 every frozen parameter keeps
-  about numel/DP elements per rank outside forward and backward; the model is partitioned while
-  it loads (``HfDeepSpeedConfig`` before ``from_pretrained``), never materialised whole.
-- The word-embedding table and the LM head are read directly (the splice, the candidate-only
-  head), not by calling their modules, so they are registered as external parameters of
-  ``FrozenLM``: gathered once when its forward starts.
+  about numel/DP elements per rank outside forward and backward; an HF model is partitioned while
+  it loads (``HfDeepSpeedConfig`` before ``from_pretrained``), never materialised whole; a megatron
+  stage is imported as this rank's TP/PP shard, then partitioned over its DP group
+  (``zero_megatron.py``: the ``mpu`` adapter and the fixes DeepSpeed needs under megatron's schedule).
+- What the backbone reads directly rather than through its module's forward (the word-embedding
+  table for the splice, the candidate-only head, megatron's returned biases:
+  ``directly_read_parameters()``) is registered as external parameters of ``FrozenLM``: gathered
+  once when its forward starts.
 - The forward calls ``FrozenLM`` itself (``engine.module``), never ``engine(...)``, whose
   backward bookkeeping refuses a plain ``loss.backward()``.
 - The encoder and its torch AdamW live outside; its gradient is averaged over the data-parallel
