@@ -1,0 +1,89 @@
+// CPU kernels of ptuning::splice (see splice_op.py): one memcpy / memset / cast per position row,
+// parallel over positions; the table gradient is parallel over columns and sums positions in
+// increasing b * S + s order, so its bits do not depend on the thread count or the layout.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstring>
+
+namespace {
+
+// Output row of position p = b * S + s: p itself ([B,S,H]) or s * B + b ([S,B,H]).
+inline int64_t out_row(int64_t p, int64_t B, int64_t S, bool seq_first) {
+  return seq_first ? (p % S) * B + p / S : p;
+}
+
+template <typename slot_t>
+void check_slots(const slot_t* slot, int64_t P, int64_t M) {
+  for (int64_t p = 0; p < P; ++p)
+    TORCH_CHECK(slot[p] < M, "splice: slot ", int64_t(slot[p]), " >= table rows ", M);
+}
+
+}  // namespace
+
+torch::Tensor splice_fwd(torch::Tensor ids, torch::Tensor slot, torch::Tensor weight, int64_t vocab_start,
+                         torch::Tensor table, bool write_prompt, bool seq_first) {
+  const int64_t B = ids.size(0), S = ids.size(1), P = B * S;
+  const int64_t V = weight.size(0), H = weight.size(1), M = table.size(0);
+  auto out = seq_first ? torch::empty({S, B, H}, weight.options()) : torch::empty({B, S, H}, weight.options());
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const float* tab = table.data_ptr<float>();
+  AT_DISPATCH_INDEX_TYPES(slot.scalar_type(), "splice_fwd_slot", [&] {
+    const index_t* sl = slot.data_ptr<index_t>();
+    check_slots(sl, P, M);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "splice_fwd", [&] {
+      const scalar_t* w = weight.data_ptr<scalar_t>();
+      scalar_t* o = out.data_ptr<scalar_t>();
+      const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1));
+      at::parallel_for(0, P, grain, [&](int64_t lo, int64_t hi) {
+        for (int64_t p = lo; p < hi; ++p) {
+          scalar_t* dst = o + out_row(p, B, S, seq_first) * H;
+          const int64_t s = sl[p];
+          if (s >= 0) {
+            if (!write_prompt) {
+              std::memset(dst, 0, H * sizeof(scalar_t));
+            } else if (std::is_same<scalar_t, float>::value) {
+              std::memcpy(dst, tab + s * H, H * sizeof(float));
+            } else {
+              const float* src = tab + s * H;
+              for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<scalar_t>(src[h]);
+            }
+          } else {
+            const int64_t v = id[p] - vocab_start;
+            if (v >= 0 && v < V) std::memcpy(dst, w + v * H, H * sizeof(scalar_t));
+            else std::memset(dst, 0, H * sizeof(scalar_t));
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+torch::Tensor splice_bwd(torch::Tensor grad, torch::Tensor slot, int64_t M, bool seq_first) {
+  const int64_t B = slot.size(0), S = slot.size(1), P = B * S, H = grad.size(-1);
+  auto gt = torch::zeros({M, H}, grad.options().dtype(torch::kFloat));
+  float* g = gt.data_ptr<float>();
+  AT_DISPATCH_INDEX_TYPES(slot.scalar_type(), "splice_bwd_slot", [&] {
+    const index_t* sl = slot.data_ptr<index_t>();
+    check_slots(sl, P, M);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "splice_bwd", [&] {
+      const scalar_t* go = grad.data_ptr<scalar_t>();
+      // each thread owns a column range; within it positions are summed in increasing order
+      at::parallel_for(0, H, 256, [&](int64_t h0, int64_t h1) {
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t s = sl[p];
+          if (s < 0) continue;
+          const scalar_t* src = go + out_row(p, B, S, seq_first) * H;
+          float* dst = g + s * H;
+          for (int64_t h = h0; h < h1; ++h) dst[h] += static_cast<float>(src[h]);
+        }
+      });
+    });
+  });
+  return gt;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("splice_fwd", &splice_fwd, "ptuning splice forward (CPU)");
+  m.def("splice_bwd", &splice_bwd, "ptuning splice table gradient (CPU)");
+}

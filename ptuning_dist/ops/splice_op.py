@@ -1,0 +1,258 @@
+"""``ptuning::splice``: the embedding splice fused into one pass, with a tensor-parallel mode.
+
+Why: the reference (``ops/splice.py``) costs a full B x S x H lookup, then an out-of-place
+``index_put`` that copies B x S x H again; under megatron the lookup also runs as mask-multiply
+over the vocabulary shard before the prompt rows are inserted. Here every output row is written
+exactly once, from the vocabulary shard, from the prompt table or as zeros.
+
+How: the prompt plan is a per-position slot map ``slot_BS`` (-1: a vocabulary row; m >= 0: row m
+of the prompt table), built without a host sync by :func:`slot_map` from the collator's
+(row, pos, slot) triplets. Position p = b * S + s gets
+
+* ``weight_VH[id - vocab_start]`` if slot < 0 and the id lies in this shard, zeros if it does not;
+* ``table_MH[slot]`` cast to the weight's dtype if ``write_prompt``, else zeros (under TP exactly
+  one rank writes the prompt rows, so the following all-reduce sums each row once).
+
+``seq_first`` writes [S, B, H] (megatron's layout) instead of [B, S, H]. The backward gives the
+prompt table alone its gradient, in fp32: ``grad_table[m] = sum of grad_out over positions with
+slot == m``, independent of ``write_prompt`` (so every TP rank computes the same gradient), summed
+in a fixed order (no atomics), so the bits repeat run to run.
+
+Backends (``backend=``): ``"fused"`` picks by device: the C++ kernel ``splice_cpu.cpp`` on CPU
+(built on first use by ``torch.utils.cpp_extension.load`` into TORCH_EXTENSIONS_DIR), Triton on
+CUDA; each falls back to the reference with one warning. ``"reference"`` is pure torch, bit-exact
+with ``splice_reference`` when unsharded. ``"triton"`` forces the Triton kernels (on CPU tensors
+only under ``TRITON_INTERPRET=1``, set before triton is imported).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU install; CUDA then falls back to the reference
+    triton = None
+
+BACKENDS = ("fused", "reference", "triton")
+_warned: set[str] = set()
+_cpu_ext = None  # None: not built yet; False: the build failed
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def slot_map(prompt_rows_N: Tensor, prompt_pos_N: Tensor, prompt_slots_N: Tensor, B: int, S: int,
+             dtype: torch.dtype = torch.int32) -> Tensor:
+    """The prompt plan as a [B, S] slot map: -1 everywhere, the slot at each prompt position."""
+    slot_BS = torch.full((B, S), -1, dtype=dtype, device=prompt_rows_N.device)
+    return slot_BS.index_put_((prompt_rows_N, prompt_pos_N), prompt_slots_N.to(dtype))
+
+
+def splice(ids_BS: Tensor, slot_BS: Tensor, weight_VH: Tensor, table_MH: Tensor, vocab_start: int = 0,
+           write_prompt: bool = True, seq_first: bool = False, backend: str = "fused") -> Tensor:
+    """embeds_BSH (or _SBH with ``seq_first``) in the weight's dtype; see the module docstring."""
+    if backend not in BACKENDS:
+        raise ValueError(f"splice backend {backend!r}: expected one of {BACKENDS}")
+    return torch.ops.ptuning.splice(ids_BS, slot_BS, weight_VH.detach(), int(vocab_start), table_MH,
+                                    bool(write_prompt), bool(seq_first), backend)
+
+
+def _pick(device: torch.device, backend: str) -> str:
+    if backend == "reference":
+        return "reference"
+    if backend == "triton":
+        if triton is None:
+            raise RuntimeError("splice backend 'triton': triton is not installed")
+        return "triton"
+    if device.type == "cuda":
+        if triton is not None:
+            return "triton"
+        _warn_once("cuda", "ptuning::splice: triton is not installed; using the reference splice on CUDA")
+        return "reference"
+    if device.type == "cpu":
+        return "cpu" if _load_cpu() else "reference"
+    return "reference"
+
+
+def _load_cpu():
+    global _cpu_ext
+    if _cpu_ext is None:
+        try:
+            from torch.utils.cpp_extension import load
+
+            src = Path(__file__).with_name("splice_cpu.cpp")
+            _cpu_ext = load("ptuning_splice_cpu", [str(src)], extra_cflags=["-O3", "-fopenmp"],
+                            extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as e:  # no compiler / headers: keep training, slower
+            _warn_once("cpu", f"ptuning::splice: the CPU kernel did not build ({type(e).__name__}: {e}); "
+                              "using the reference splice")
+            _cpu_ext = False
+    return _cpu_ext
+
+
+# ---- the reference backend (pure torch, no data-dependent shapes) ----
+
+def _reference_fwd(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first):
+    V, M = weight_VH.shape[0], table_MH.shape[0]
+    v_BS = ids_BS - vocab_start
+    local_BS1 = ((v_BS >= 0) & (v_BS < V)).unsqueeze(-1)
+    zero = weight_VH.new_zeros(())
+    out_BSH = torch.where(local_BS1, F.embedding(v_BS.clamp(0, max(V - 1, 0)), weight_VH), zero)
+    if write_prompt and M > 0:
+        rows_BSH = table_MH.to(weight_VH.dtype)[slot_BS.long().clamp(min=0)]
+        out_BSH = torch.where(slot_BS.unsqueeze(-1) >= 0, rows_BSH, out_BSH)
+    else:
+        out_BSH = torch.where(slot_BS.unsqueeze(-1) >= 0, zero, out_BSH)
+    return out_BSH.transpose(0, 1).contiguous() if seq_first else out_BSH
+
+
+def _reference_bwd(grad, slot_BS, num_slots, seq_first):
+    H = grad.shape[-1]
+    grad_PH = (grad.transpose(0, 1) if seq_first else grad).reshape(-1, H).float()  # b * S + s order
+    slot_P = slot_BS.reshape(-1).long()
+    if grad.device.type == "cpu":  # index_add_ on CPU sums serially in position order
+        idx_P = torch.where(slot_P >= 0, slot_P, num_slots)
+        acc = torch.zeros((num_slots + 1, H), dtype=torch.float32, device=grad.device)
+        return acc.index_add_(0, idx_P, grad_PH)[:num_slots].clone()
+    # elsewhere index_add_ uses atomics: a one-hot product is deterministic (M x P x H flops, small M)
+    onehot_PM = (slot_P.unsqueeze(1) == torch.arange(num_slots, device=grad.device)).float()
+    return onehot_PM.t() @ grad_PH
+
+
+# ---- the Triton backend ----
+
+if triton is not None:
+    @triton.jit
+    def _splice_fwd_kernel(ids_ptr, slot_ptr, w_ptr, tab_ptr, out_ptr, vocab_start, V, M, B, S, H,
+                           WRITE_PROMPT: tl.constexpr, SEQ_FIRST: tl.constexpr, BLOCK_H: tl.constexpr):
+        p = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = offs < H
+        v = tl.load(ids_ptr + p) - vocab_start
+        slot = tl.load(slot_ptr + p).to(tl.int64)
+        # scalar predicates broadcast to the block first (the interpreter rejects scalar & block masks)
+        zero_i = tl.zeros([BLOCK_H], dtype=tl.int32)
+        prompt = (zero_i + (slot >= 0).to(tl.int32)) != 0
+        local = (zero_i + ((v >= 0) & (v < V)).to(tl.int32)) != 0
+        row = tl.load(w_ptr + v * H + offs, mask=hmask & local & ~prompt, other=0.0)
+        if WRITE_PROMPT:
+            valid = (zero_i + (slot < M).to(tl.int32)) != 0
+            t = tl.load(tab_ptr + slot * H + offs, mask=hmask & prompt & valid, other=0.0)
+            row = tl.where(prompt, t.to(row.dtype), row)
+        else:
+            row = tl.where(prompt, tl.zeros_like(row), row)
+        if SEQ_FIRST:
+            r = (p % S) * B + p // S
+        else:
+            r = p
+        tl.store(out_ptr + r * H + offs, row, mask=hmask)
+
+    @triton.jit
+    def _splice_bwd_kernel(grad_ptr, slot_ptr, gt_ptr, P, B, S, H, SEQ_FIRST: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
+        # one program per (slot, column block): scans the slot map in position order and loads only
+        # the gradient rows of its slot; fixed tile order and reduction tree, no atomics
+        m = tl.program_id(0)
+        offs_h = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = offs_h < H
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+            sl = tl.load(slot_ptr + offs_p, mask=offs_p < P, other=-1)
+            hit = sl == m
+            if SEQ_FIRST:
+                r = (offs_p % S) * B + offs_p // S
+            else:
+                r = offs_p
+            g = tl.load(grad_ptr + r[:, None] * H + offs_h[None, :], mask=hit[:, None] & hmask[None, :], other=0.0)
+            acc += tl.sum(g.to(tl.float32), axis=0)
+        tl.store(gt_ptr + m.to(tl.int64) * H + offs_h, acc, mask=hmask)
+
+
+def _block_h(H: int) -> int:
+    return max(16, min(1024, triton.next_power_of_2(max(H, 1))))
+
+
+def _triton_fwd(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first):
+    (B, S), (V, H) = ids_BS.shape, weight_VH.shape
+    out = weight_VH.new_empty((S, B, H) if seq_first else (B, S, H))
+    if B * S and H:
+        bh = _block_h(H)
+        _splice_fwd_kernel[(B * S, triton.cdiv(H, bh))](
+            ids_BS, slot_BS, weight_VH, table_MH.float().contiguous(), out, vocab_start, V, table_MH.shape[0],
+            B, S, H, WRITE_PROMPT=write_prompt, SEQ_FIRST=seq_first, BLOCK_H=bh)
+    return out
+
+
+def _triton_bwd(grad, slot_BS, num_slots, seq_first):
+    (B, S), H = slot_BS.shape, grad.shape[-1]
+    gt = torch.zeros((num_slots, H), dtype=torch.float32, device=grad.device)
+    if num_slots and H:
+        bh = min(_block_h(H), 256)
+        _splice_bwd_kernel[(num_slots, triton.cdiv(H, bh))](grad, slot_BS, gt, B * S, B, S, H, SEQ_FIRST=seq_first,
+                                                            BLOCK_P=32, BLOCK_H=bh)
+    return gt
+
+
+# ---- the op ----
+
+@torch.library.custom_op("ptuning::splice", mutates_args=())
+def _splice_op(ids_BS: Tensor, slot_BS: Tensor, weight_VH: Tensor, vocab_start: int, table_MH: Tensor,
+               write_prompt: bool, seq_first: bool, backend: str) -> Tensor:
+    args = (ids_BS.contiguous(), slot_BS.contiguous(), weight_VH.contiguous(), vocab_start)
+    kind = _pick(ids_BS.device, backend)
+    if kind == "reference":
+        return _reference_fwd(*args, table_MH, write_prompt, seq_first)
+    table_MH = table_MH.float().contiguous()
+    if kind == "cpu":
+        return _cpu_ext.splice_fwd(*args, table_MH, write_prompt, seq_first)
+    return _triton_fwd(*args, table_MH, write_prompt, seq_first)
+
+
+@_splice_op.register_fake
+def _(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first, backend):
+    (B, S), H = ids_BS.shape, weight_VH.shape[1]
+    return weight_VH.new_empty((S, B, H) if seq_first else (B, S, H))
+
+
+@torch.library.custom_op("ptuning::splice_table_grad", mutates_args=())
+def _splice_table_grad(grad_out: Tensor, slot_BS: Tensor, num_slots: int, seq_first: bool, backend: str) -> Tensor:
+    grad_out, slot_BS = grad_out.contiguous(), slot_BS.contiguous()
+    kind = _pick(grad_out.device, backend)
+    if kind == "reference":
+        return _reference_bwd(grad_out, slot_BS, num_slots, seq_first)
+    if kind == "cpu":
+        return _cpu_ext.splice_bwd(grad_out, slot_BS, num_slots, seq_first)
+    return _triton_bwd(grad_out, slot_BS, num_slots, seq_first)
+
+
+@_splice_table_grad.register_fake
+def _(grad_out, slot_BS, num_slots, seq_first, backend):
+    return grad_out.new_empty((num_slots, grad_out.shape[-1]), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    _, slot_BS, _, _, table_MH, _, seq_first, backend = inputs
+    ctx.save_for_backward(slot_BS)
+    ctx.num_slots, ctx.table_dtype, ctx.seq_first, ctx.backend = table_MH.shape[0], table_MH.dtype, seq_first, backend
+
+
+def _backward(ctx, grad_out):
+    grad_table = None
+    if ctx.needs_input_grad[4]:
+        (slot_BS,) = ctx.saved_tensors
+        grad_table = torch.ops.ptuning.splice_table_grad(grad_out, slot_BS, ctx.num_slots, ctx.seq_first,
+                                                         ctx.backend).to(ctx.table_dtype)
+    return None, None, None, None, grad_table, None, None, None
+
+
+_splice_op.register_autograd(_backward, setup_context=_setup_context)

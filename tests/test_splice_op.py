@@ -1,0 +1,222 @@
+"""ptuning::splice (ops/splice_op.py) against the reference splice and a pure-torch oracle."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptuning_dist.ops import splice_op
+from ptuning_dist.ops.splice import splice_reference
+from ptuning_dist.ops.splice_op import slot_map, splice
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_BACKENDS = ["fused", "reference"]
+
+
+def make_case(seed, B, S, V, H, M, dtype=torch.float32):
+    """Random ids (with both ends of the vocabulary and of each half), a sorted plan with 0..k prompt
+    tokens per row (row 0 has none), repeated slots, a weight, a table and an upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, S), generator=g)
+    edges = torch.tensor([0, V - 1, V // 2 - 1, V // 2])
+    ids.view(-1)[: min(4, B * S)] = edges[: min(4, B * S)]
+    ids.view(-1)[-min(4, B * S):] = edges.flip(0)[: min(4, B * S)]
+    rows, pos, slots = [], [], []
+    for b in range(1, B):
+        k = int(torch.randint(0, S + 1, (1,), generator=g))
+        p = torch.randperm(S, generator=g)[:k].sort().values
+        rows += [b] * k
+        pos += p.tolist()
+        slots += torch.randint(0, M, (k,), generator=g).tolist()
+    plan = [torch.tensor(x, dtype=torch.long) for x in (rows, pos, slots)]
+    W = torch.randn(V, H, generator=g).to(dtype)
+    table = torch.randn(M, H, generator=g)
+    grad = torch.randn(B, S, H, generator=g).to(dtype)
+    return ids, plan, W, table, grad
+
+
+def oracle(ids, plan, W, vocab_start, table, write_prompt):
+    """Position by position, for a vocabulary shard."""
+    B, S = ids.shape
+    out = torch.zeros(B, S, W.shape[1], dtype=W.dtype)
+    for b in range(B):
+        for s in range(S):
+            v = int(ids[b, s]) - vocab_start
+            if 0 <= v < W.shape[0]:
+                out[b, s] = W[v]
+    for r, p, m in zip(*(x.tolist() for x in plan)):
+        out[r, p] = table[m].to(W.dtype) if write_prompt else 0
+    return out
+
+
+def run(backend, ids, plan, W, table, grad, vocab_start=0, write_prompt=True, seq_first=False, slot_dtype=torch.int32):
+    t = table.clone().requires_grad_(True)
+    slot = slot_map(*plan, *ids.shape, dtype=slot_dtype)
+    out = splice(ids, slot, W, t, vocab_start, write_prompt, seq_first, backend=backend)
+    out.backward(grad.transpose(0, 1) if seq_first else grad)
+    return out.detach(), t.grad
+
+
+def reference(ids, plan, W, table, grad):
+    t = table.clone().requires_grad_(True)
+    out = splice_reference(ids, *plan, W, t)
+    out.backward(grad)
+    return out.detach(), t.grad
+
+
+SHAPES = [(1, 1, 2, 1, 1), (3, 7, 10, 5, 4), (4, 33, 64, 40, 6), (2, 128, 1000, 300, 20)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_fp32_bit_exact_against_the_reference(backend, shape, slot_dtype):
+    ids, plan, W, table, grad = make_case(sum(shape), *shape)
+    out, gt = run(backend, ids, plan, W, table, grad, slot_dtype=slot_dtype)
+    ref_out, ref_gt = reference(ids, plan, W, table, grad)
+    assert out.dtype == torch.float32 and gt.dtype == torch.float32
+    assert torch.equal(out, ref_out)
+    assert torch.equal(out, oracle(ids, plan, W, 0, table, True))
+    assert torch.equal(gt, ref_gt)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_tp2_shards_sum_to_the_unsharded_op(backend, shape):
+    ids, plan, W, table, grad = make_case(7 + sum(shape), *shape)
+    V = W.shape[0]
+    full, full_gt = run(backend, ids, plan, W, table, grad)
+    o0, g0 = run(backend, ids, plan, W[: V // 2], table, grad, vocab_start=0, write_prompt=True)
+    o1, g1 = run(backend, ids, plan, W[V // 2:], table, grad, vocab_start=V // 2, write_prompt=False)
+    assert torch.equal(o0, oracle(ids, plan, W[: V // 2], 0, table, True))
+    assert torch.equal(o1, oracle(ids, plan, W[V // 2:], V // 2, table, False))
+    assert torch.equal(o0 + o1, full)
+    assert torch.equal(g0, g1) and torch.equal(g0, full_gt)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bf16_weight_within_rounding(backend):
+    ids, plan, W, table, grad = make_case(3, 4, 33, 64, 40, 6, dtype=torch.bfloat16)
+    out, gt = run(backend, ids, plan, W, table, grad)
+    ref_out, _ = reference(ids, plan, W, table, grad)
+    assert out.dtype == torch.bfloat16 and gt.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)  # copies and round-to-nearest-even casts
+    _, gt32 = reference(ids, plan, W.float(), table, grad.float())  # the fp32 sum of the bf16 gradient
+    torch.testing.assert_close(gt, gt32, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_seq_first_layout(backend):
+    ids, plan, W, table, grad = make_case(5, 4, 33, 64, 40, 6)
+    out, gt = run(backend, ids, plan, W, table, grad)
+    out_sf, gt_sf = run(backend, ids, plan, W, table, grad, seq_first=True)
+    assert out_sf.shape == (33, 4, 40) and out_sf.is_contiguous()
+    assert torch.equal(out_sf, out.transpose(0, 1))
+    assert torch.equal(gt_sf, gt)  # summed in the same (b * S + s) order whatever the layout
+    o1, g1 = run(backend, ids, plan, W[:32], table, grad, 0, False, True)
+    assert torch.equal(o1, oracle(ids, plan, W[:32], 0, table, False).transpose(0, 1))
+    assert torch.equal(g1, gt)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_same_bits_every_run_and_thread_count(backend):
+    ids, plan, W, table, _ = make_case(11, 2, 512, 100, 257, 3)
+    plan[2] = torch.zeros_like(plan[2])  # many positions summed into one slot: the order matters
+    grad = torch.randn(2, 512, 257) * torch.logspace(-6, 6, 512).view(1, 512, 1)
+    gts = [run(backend, ids, plan, W, table, grad)[1] for _ in range(2)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        gts.append(run(backend, ids, plan, W, table, grad)[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(gts[0], g) for g in gts[1:])
+
+
+def test_only_the_table_gets_a_gradient_and_no_table_is_fine():
+    ids, plan, W, table, grad = make_case(2, 3, 7, 10, 5, 4)
+    Wg = W.clone().requires_grad_(True)
+    t = table.clone().requires_grad_(True)
+    splice(ids, slot_map(*plan, 3, 7), Wg, t).backward(grad)
+    assert Wg.grad is None and t.grad is not None
+    empty = torch.zeros(0, 5)
+    out = splice(ids, torch.full((3, 7), -1, dtype=torch.int32), W, empty)
+    assert torch.equal(out, F.embedding(ids, W))
+
+
+def test_slot_map():
+    plan = [torch.tensor(x) for x in ([0, 0, 2], [1, 3, 0], [2, 0, 1])]
+    slot = slot_map(*plan, 3, 4)
+    assert slot.dtype == torch.int32
+    assert slot.tolist() == [[-1, 2, -1, 0], [-1] * 4, [1, -1, -1, -1]]
+    assert slot_map(*plan, 3, 4, dtype=torch.int64).dtype == torch.int64
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("seq_first", [False, True])
+def test_opcheck(backend, seq_first):
+    ids, plan, W, table, _ = make_case(4, 3, 7, 10, 5, 4)
+    for vocab_start, write_prompt, w in ((0, True, W), (5, False, W[5:])):
+        args = (ids, slot_map(*plan, 3, 7), w, vocab_start, table.clone().requires_grad_(True), write_prompt,
+                seq_first, backend)
+        torch.library.opcheck(torch.ops.ptuning.splice.default, args)
+
+
+def test_cpu_build_failure_falls_back_once(monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(splice_op, "_cpu_ext", None)
+    monkeypatch.setattr(splice_op, "_warned", set())
+    monkeypatch.setattr(ext, "load", lambda *a, **k: (_ for _ in ()).throw(OSError("no compiler")))
+    ids, plan, W, table, grad = make_case(1, 3, 7, 10, 5, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, gt = run("fused", ids, plan, W, table, grad)
+        run("fused", ids, plan, W, table, grad)
+    assert [str(w.message) for w in caught if "did not build" in str(w.message)].__len__() == 1
+    ref_out, ref_gt = reference(ids, plan, W, table, grad)
+    assert torch.equal(out, ref_out) and torch.equal(gt, ref_gt)
+
+
+TRITON_SCRIPT = textwrap.dedent("""
+    import torch
+    from ptuning_dist.ops.splice_op import slot_map
+    from tests.test_splice_op import make_case, oracle, reference, run
+    for shape in [(1, 1, 2, 1, 1), (3, 7, 10, 5, 4), (2, 40, 64, 70, 6)]:
+        ids, plan, W, table, grad = make_case(sum(shape), *shape)
+        V = W.shape[0]
+        ref_out, ref_gt = reference(ids, plan, W, table, grad)
+        for seq_first in (False, True):
+            out, gt = run("triton", ids, plan, W, table, grad, seq_first=seq_first)
+            assert torch.equal(out.transpose(0, 1) if seq_first else out, ref_out), shape
+            torch.testing.assert_close(gt, ref_gt, rtol=1e-6, atol=1e-6)
+            assert torch.equal(gt, run("triton", ids, plan, W, table, grad, seq_first=seq_first)[1])
+        if V > 2:
+            o0, g0 = run("triton", ids, plan, W[: V // 2], table, grad, 0, True, slot_dtype=torch.int64)
+            o1, g1 = run("triton", ids, plan, W[V // 2:], table, grad, V // 2, False)
+            assert torch.equal(o1, oracle(ids, plan, W[V // 2:], V // 2, table, False))
+            assert torch.equal(o0 + o1, ref_out) and torch.equal(g0, g1)
+    ids, plan, W, table, grad = make_case(3, 2, 9, 64, 40, 6, dtype=torch.bfloat16)
+    out, gt = run("triton", ids, plan, W, table, grad)
+    torch.testing.assert_close(out, reference(ids, plan, W, table, grad)[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gt, reference(ids, plan, W.float(), table, grad.float())[1], rtol=0, atol=1e-5)
+    args = (ids, slot_map(*plan, 2, 9), W, 0, table.clone().requires_grad_(True), True, True, "triton")
+    torch.library.opcheck(torch.ops.ptuning.splice.default, args)
+    print("TRITON_OK")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernels_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and "TRITON_OK" in res.stdout, res.stdout + res.stderr
