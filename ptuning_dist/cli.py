@@ -18,7 +18,7 @@ from ptuning_dist.errors import PTuningError
 
 # flag -> config field; help text comes from the field's docstring in config.py
 TRAIN_FLAGS = {
-    "model": "model.path", "dtype": "model.dtype", "backend": "model.backend",
+    "model": "model.path", "dtype": "model.dtype", "backend": "model.backend", "splice": "model.splice",
     "encoder": "prompt.encoder", "template": "prompt.template",
     "task": "data.task", "data_dir": "data.data_dir", "relations": "data.relations",
     "allowed_vocab": "data.allowed_vocab", "max_seq_len": "data.max_seq_len",
@@ -88,7 +88,7 @@ def train_main(argv=None) -> int:
     return _run(go)
 
 
-EVAL_FLAGS = {k: TRAIN_FLAGS[k] for k in ("model", "dtype", "task", "data_dir", "relations", "allowed_vocab",
+EVAL_FLAGS = {k: TRAIN_FLAGS[k] for k in ("model", "dtype", "splice", "task", "data_dir", "relations", "allowed_vocab",
                                           "max_seq_len", "eval_batch_size", "template", "output_dir")}
 
 
@@ -120,9 +120,9 @@ def evaluate_main(argv=None) -> int:
         run = build_run(cfg)
         if args.prompt_table:
             table_MH, _ = load_table(args.prompt_table, backbone_hash=run.backbone_hash)
-            model = PTuningModel(run.backbone, PromptTable(table_MH).to(run.device), _cands(run))
+            model = PTuningModel(run.backbone, PromptTable(table_MH).to(run.device), _cands(run), cfg.model.splice)
         else:
-            model = PTuningModel(run.backbone, None, _cands(run))
+            model = PTuningModel(run.backbone, None, _cands(run), cfg.model.splice)
         ex = examples(run, args.split, manual=args.manual)
         res = evaluate(model, ex, run.cands, cfg.train.eval_batch_size, run.tok.pad_id, run.device)
         res["split"] = args.split

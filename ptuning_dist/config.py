@@ -31,8 +31,13 @@ class ModelConfig:
     """'hf' (the Hugging Face model as it is) or 'megatron' (imported into a megatron-core GPTModel,
     GPT-2 and LLaMA families; needed for parallel.tp > 1)."""
 
+    splice: str = "fused"
+    """The embedding splice: 'fused' (``ptuning::splice``: one pass, a C++ kernel on CPU built on first
+    use, Triton on CUDA) or 'reference' (lookup, then insert the prompt rows: the oracle). Same bits."""
+
     def __post_init__(self):
         _require(self.backend in ("hf", "megatron"), "model.backend", f"{self.backend!r} is not hf or megatron")
+        _require(self.splice in ("fused", "reference"), "model.splice", f"{self.splice!r} is not fused or reference")
         _require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
                  f"{self.dtype!r} is not float32, bfloat16 or float16")
 

@@ -26,23 +26,28 @@ class FrozenLM(nn.Module):
     """Splice, frozen backbone and head in one module (the word-embedding lookup must sit inside
     the module ZeRO-3 wraps, so that its partitioned table is gathered for the lookup)."""
 
-    def __init__(self, backbone: nn.Module, candidate_ids_K: torch.Tensor | None):
+    def __init__(self, backbone: nn.Module, candidate_ids_K: torch.Tensor | None, splice: str = "fused"):
         super().__init__()
         self.backbone = backbone
+        self.splice_kind = splice  # 'fused' (ptuning::splice) or 'reference'
         self.register_buffer("candidate_ids_K", candidate_ids_K, persistent=False)
 
-    def forward(self, ids_BS, attention_mask_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, target_pos_B,
-                table_MH):
+    def forward(self, ids_BS, attention_mask_BS, slot_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N,
+                target_pos_B, table_MH):
         """Logits (B x K) on the last pipeline stage; on an earlier one, its [s, b, h] output."""
         embeds_BSH = None  # a later pipeline stage starts from the activations it received
         if self.backbone.is_first_stage:
-            embeds_BSH = self.splice(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH)
+            if self.splice_kind == "fused":
+                embeds_BSH = self.backbone.splice(ids_BS, slot_BS, table_MH)
+            else:
+                embeds_BSH = self.splice(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH)
         hidden = self.backbone.hidden_at(embeds_BSH, attention_mask_BS, target_pos_B)
         if not self.backbone.is_last_stage:
             return hidden
         return self.backbone.head(hidden, self.candidate_ids_K)
 
     def splice(self, ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH) -> torch.Tensor:
+        """The reference splice: look up every token, then insert the prompt rows (the oracle)."""
         if hasattr(self.backbone, "embed"):  # a vocabulary-parallel lookup (megatron backbone)
             return insert_prompt_rows(self.backbone.embed(ids_BS), prompt_rows_N, prompt_pos_N, prompt_slots_N,
                                       table_MH)
@@ -55,9 +60,10 @@ class FrozenLM(nn.Module):
 
 
 class PTuningModel(nn.Module):
-    def __init__(self, backbone: nn.Module, prompt: nn.Module | None, candidate_ids_K: torch.Tensor | None):
+    def __init__(self, backbone: nn.Module, prompt: nn.Module | None, candidate_ids_K: torch.Tensor | None,
+                 splice: str = "fused"):
         super().__init__()
-        self.frozen = FrozenLM(backbone, candidate_ids_K)
+        self.frozen = FrozenLM(backbone, candidate_ids_K, splice)
         self.prompt = prompt  # None: the manual baseline, or a pipeline stage after the first
 
     @property
@@ -76,8 +82,8 @@ class PTuningModel(nn.Module):
                 table_MH = torch.zeros((0, self.backbone.hidden_size), device=batch.ids_BS.device)
             else:
                 table_MH = self.prompt()
-        return self.frozen(batch.ids_BS, batch.attention_mask_BS, batch.prompt_rows_N, batch.prompt_pos_N,
-                           batch.prompt_slots_N, batch.target_pos_B, table_MH)
+        return self.frozen(batch.ids_BS, batch.attention_mask_BS, batch.slot_BS, batch.prompt_rows_N,
+                           batch.prompt_pos_N, batch.prompt_slots_N, batch.target_pos_B, table_MH)
 
     def loss(self, batch: Batch, table_MH: torch.Tensor | None = None) -> torch.Tensor:
         return F.cross_entropy(self.logits(batch, table_MH), batch.label_B)

@@ -97,10 +97,12 @@ def backbone(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(backbone, tmp_path_factory):
-    """Single process, HF backend, no DeepSpeed: micro 4 x accumulation 4 = the global batch of 16
-    that the parallel runs split; every parallel layout is compared with it."""
+    """Single process, HF backend, no DeepSpeed, the reference splice: micro 4 x accumulation 4 = the
+    global batch of 16 that the parallel runs (fused splice) split; every parallel layout is compared
+    with it."""
     from distutil import COMMON, WORKER, run
 
     out = tmp_path_factory.mktemp("ref")
-    run([sys.executable, WORKER, "--record", out / "rec", "--model", backbone, "--output_dir", out, *COMMON])
+    run([sys.executable, WORKER, "--record", out / "rec", "--model", backbone, "--output_dir", out,
+         "--splice", "reference", *COMMON])
     return out

@@ -236,7 +236,8 @@ def test_fsdp2_partitions_over_dp_and_matches(backbone, reference, tmp_path, bac
 def test_llama_tensor_parallel_training_matches_hf(family_dirs, tmp_path):
     """LLaMA (grouped-query attention, SwiGLU, RoPE) on RTE: TP=2 megatron against HF, one process."""
     flags = ["--model", family_dirs["llama"], "--task", "rte", "--max_seq_len", 96, *COMMON]
-    run([sys.executable, WORKER, "--record", tmp_path / "ref" / "rec", "--output_dir", tmp_path / "ref", *flags])
+    run([sys.executable, WORKER, "--record", tmp_path / "ref" / "rec", "--output_dir", tmp_path / "ref",
+         "--splice", "reference", *flags])
     torchrun(2, WORKER, "--record", tmp_path / "tp" / "rec", "--output_dir", tmp_path / "tp", "--backend", "megatron",
              "--tp", 2, *flags)
     a, b = losses(tmp_path / "ref"), losses(tmp_path / "tp")

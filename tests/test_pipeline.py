@@ -29,7 +29,8 @@ def test_pipeline_matches_single_process(backbone, reference, tmp_path, tp, pp, 
 def test_pipeline_llama_untied_head(family_dirs, tmp_path):
     """LLaMA (untied lm_head, RoPE on every stage, GQA) on RTE at PP=2 against HF in one process."""
     flags = ["--model", family_dirs["llama"], "--task", "rte", "--max_seq_len", 96, *COMMON]
-    run([sys.executable, WORKER, "--record", tmp_path / "ref" / "rec", "--output_dir", tmp_path / "ref", *flags])
+    run([sys.executable, WORKER, "--record", tmp_path / "ref" / "rec", "--output_dir", tmp_path / "ref",
+         "--splice", "reference", *flags])
     torchrun(2, WORKER, "--record", tmp_path / "pp" / "rec", "--output_dir", tmp_path / "pp", "--backend", "megatron",
              "--pp", 2, *flags)
     assert_matches_reference(tmp_path / "ref", tmp_path / "pp", steps=(3,))

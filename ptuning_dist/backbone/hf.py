@@ -65,6 +65,12 @@ class HFBackbone(nn.Module):
         params = [self.model.get_input_embeddings().weight, head.weight] + ([head.bias] if head.bias is not None else [])
         return list({id(p): p for p in params}.values())
 
+    def splice(self, ids_BS, slot_BS, table_MH) -> torch.Tensor:
+        """embeds_BSH by the fused op (``ptuning::splice``): every row written once."""
+        from ptuning_dist.ops.splice_op import splice
+
+        return splice(ids_BS, slot_BS, self.word_embeddings_VH, table_MH)
+
     @property
     def word_embeddings_VH(self) -> torch.Tensor:
         return self.model.get_input_embeddings().weight

@@ -153,6 +153,22 @@ class MegatronBackbone(nn.Module):
             torch.distributed.all_reduce(embeds_BSH, group=ps.get_tensor_model_parallel_group())
         return embeds_BSH
 
+    def splice(self, ids_BS, slot_BS, table_MH) -> torch.Tensor:
+        """embeds_BSH by the fused op on this TP rank's vocabulary shard: its own vocabulary rows,
+        zeros elsewhere, the prompt rows on TP rank 0 only; then a sum over TP (backward: the
+        identity, so every TP rank computes the same table gradient)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+        from ptuning_dist.ops.splice_op import splice
+
+        start, _ = self._vocab_range()
+        embeds_BSH = splice(ids_BS, slot_BS, self.gpt.embedding.word_embeddings.weight, table_MH, vocab_start=start,
+                            write_prompt=_tp_rank() == 0)
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            embeds_BSH = reduce_from_tensor_model_parallel_region(embeds_BSH)
+        return embeds_BSH
+
     def head(self, hidden_BH: torch.Tensor, candidate_ids_K: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (fp32) over the candidates (each TP rank scores those in its shard, then a sum
         whose backward is the identity), or over the whole real vocabulary (gathered shards)."""

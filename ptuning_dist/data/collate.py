@@ -132,6 +132,7 @@ class Batch:
     prompt_rows_N: torch.Tensor  # the prompt plan: row, position and slot of every prompt token
     prompt_pos_N: torch.Tensor
     prompt_slots_N: torch.Tensor
+    slot_BS: torch.Tensor  # the same plan as a map: the prompt slot at each position, -1 elsewhere (int32)
     target_pos_B: torch.Tensor  # position whose hidden state predicts the target
     label_B: torch.Tensor  # index into the candidates
     n_tokens: int  # real (non-pad) tokens, a host int: tokens/s without a device sync
@@ -153,10 +154,12 @@ def collate(examples: list[Example], pad_id: int, seq_len: int | None = None) ->
     ids = torch.full((B, S), pad_id, dtype=torch.long)
     mask = torch.zeros((B, S), dtype=torch.long)
     rows, pos, slots = [], [], []
+    slot_map = torch.full((B, S), -1, dtype=torch.int32)
     for b, e in enumerate(examples):
         L = len(e.enc.ids)
         ids[b, :L] = torch.tensor(e.enc.ids, dtype=torch.long)
         mask[b, :L] = 1
+        slot_map[b, list(e.enc.prompt_pos)] = torch.tensor(e.enc.prompt_slot, dtype=torch.int32)
         rows.extend([b] * len(e.enc.prompt_pos))
         pos.extend(e.enc.prompt_pos)
         slots.extend(e.enc.prompt_slot)
@@ -167,6 +170,7 @@ def collate(examples: list[Example], pad_id: int, seq_len: int | None = None) ->
         prompt_rows_N=t(rows),
         prompt_pos_N=t(pos),
         prompt_slots_N=t(slots),
+        slot_BS=slot_map,
         target_pos_B=t([e.enc.target_pos for e in examples]),
         label_B=t([e.label for e in examples]),
         n_tokens=int(mask.sum()),

@@ -89,7 +89,7 @@ def build_model(run: Run, seed: int) -> tuple[PTuningModel, PromptEncoder | None
         encoder = PromptEncoder(run.cfg.prompt.encoder, run.template.n_prompt, hidden, run.cfg.prompt.lstm_dropout)
         encoder.to(run.device)
         expected = PromptEncoder.expected_num_params(encoder.kind, encoder.n_prompt, hidden)
-    model = PTuningModel(run.backbone, encoder, _to(run.cands.tensor(), run.device))
+    model = PTuningModel(run.backbone, encoder, _to(run.cands.tensor(), run.device), run.cfg.model.splice)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == expected, f"trainable parameters {trainable} != the encoder's {expected}"
     return model, encoder
