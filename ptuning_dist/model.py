@@ -40,13 +40,13 @@ class FrozenLM(nn.Module):
             if self.splice_kind == "fused":
                 embeds_BSH = self.backbone.splice(ids_BS, slot_BS, table_MH)
             else:
-                embeds_BSH = self.splice(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH)
+                embeds_BSH = self.reference_splice(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH)
         hidden = self.backbone.hidden_at(embeds_BSH, attention_mask_BS, target_pos_B)
         if not self.backbone.is_last_stage:
             return hidden
         return self.backbone.head(hidden, self.candidate_ids_K)
 
-    def splice(self, ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH) -> torch.Tensor:
+    def reference_splice(self, ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH) -> torch.Tensor:
         """The reference splice: look up every token, then insert the prompt rows (the oracle)."""
         if hasattr(self.backbone, "embed"):  # a vocabulary-parallel lookup (megatron backbone)
             return insert_prompt_rows(self.backbone.embed(ids_BS), prompt_rows_N, prompt_pos_N, prompt_slots_N,
