@@ -245,9 +245,10 @@ def layout_memory(m: ModelShape, tp: int = 1, pp: int = 1, dp: int = 1, *, dtype
     12n bytes always alive (parameters and AdamW's two moments) + 8n at the update (gradients and the
     multi-tensor AdamW's sqrt temporary). Gathers ('zero3'/'fsdp2', dp > 1): what the stage holds
     outside its layers (embeddings, final norm, head) gathered for the whole step, plus three layers'
-    worth (the layer computing, the one prefetched, the flat all-gather buffer; two on a one-layer stage). Load: the megatron
-    importer reads the whole HF model in fp32 on every rank, converts all layers to this TP rank's
-    shard in ``dtype_bytes``, then builds the stage's model: 4 P_hf + (full-depth shard + stage) bytes.
+    worth (the layer computing, the one prefetched, the flat all-gather buffer; two on a one-layer
+    stage). Load: the megatron importer reads the whole HF model in fp32 on every rank, converts all
+    layers to this TP rank's shard in ``dtype_bytes``, then builds the stage's model:
+    4 P_hf + (full-depth shard + stage) bytes.
     """
     n_enc = PromptEncoder.expected_num_params(encoder, n_prompt, m.hidden)
     full_depth, per_stage = _full_depth_numel(m, tp), m.layers // pp

@@ -137,7 +137,8 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
         rows = [train_ex[j] for j in stream.take(G)[dp_rank * per_rank : (dp_rank + 1) * per_rank]]
         # a pipeline sends one activation shape per step: pad to the step's longest row (a host int)
         seq_len = max(len(e.enc.ids) for e in rows) if pipeline is not None else None
-        batches = [collate(rows[i : i + micro], run.tok.pad_id, seq_len).to(D.device) for i in range(0, per_rank, micro)]
+        batches = [collate(rows[i : i + micro], run.tok.pad_id, seq_len).to(D.device)
+                   for i in range(0, per_rank, micro)]
         table_MH = table_leaf = None
         if encoder is not None:
             table_MH = encoder()
