@@ -106,3 +106,15 @@ def reference(backbone, tmp_path_factory):
     run([sys.executable, WORKER, "--record", out / "rec", "--model", backbone, "--output_dir", out,
          "--splice", "reference", *COMMON])
     return out
+
+
+@pytest.fixture(scope="session")
+def llama_reference(family_dirs, tmp_path_factory):
+    """The tiny LLaMA on RTE in one process (HF backend, reference splice): what the LLaMA TP and PP
+    runs are compared with."""
+    from distutil import COMMON, LLAMA_RTE, WORKER, run
+
+    out = tmp_path_factory.mktemp("llama_ref")
+    run([sys.executable, WORKER, "--record", out / "rec", "--output_dir", out, "--model", family_dirs["llama"],
+         "--splice", "reference", *LLAMA_RTE, *COMMON])
+    return out

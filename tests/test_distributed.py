@@ -8,7 +8,8 @@ import time
 
 import pytest
 import torch
-from distutil import BIN, COMMON, ROOT, WORKER, assert_partitions_predicted, losses, run, torchrun
+from distutil import (BIN, COMMON, LLAMA_RTE, ROOT, WORKER, assert_matches_reference, assert_partitions_predicted,
+                      losses, run, torchrun)
 
 from ptuning_dist.backbone.tiny import default_backbone
 from ptuning_dist.parallel.launch import free_port
@@ -233,15 +234,8 @@ def test_fsdp2_partitions_over_dp_and_matches(backbone, reference, tmp_path, bac
         assert_partitions_predicted(tmp_path, backbone, world, tp, pp, "fsdp2")
 
 
-def test_llama_tensor_parallel_training_matches_hf(family_dirs, tmp_path):
+def test_llama_tensor_parallel_training_matches_hf(family_dirs, llama_reference, tmp_path):
     """LLaMA (grouped-query attention, SwiGLU, RoPE) on RTE: TP=2 megatron against HF, one process."""
-    flags = ["--model", family_dirs["llama"], "--task", "rte", "--max_seq_len", 96, *COMMON]
-    run([sys.executable, WORKER, "--record", tmp_path / "ref" / "rec", "--output_dir", tmp_path / "ref",
-         "--splice", "reference", *flags])
-    torchrun(2, WORKER, "--record", tmp_path / "tp" / "rec", "--output_dir", tmp_path / "tp", "--backend", "megatron",
-             "--tp", 2, *flags)
-    a, b = losses(tmp_path / "ref"), losses(tmp_path / "tp")
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
-    ref, tp = (torch.load(tmp_path / d / "rec" / "rank0.pt") for d in ("ref", "tp"))
-    for name, g in ref["grads"][3].items():
-        torch.testing.assert_close(tp["grads"][3][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    torchrun(2, WORKER, "--record", tmp_path / "rec", "--output_dir", tmp_path, "--model", family_dirs["llama"],
+             "--backend", "megatron", "--tp", 2, *LLAMA_RTE, *COMMON)
+    assert_matches_reference(llama_reference, tmp_path, steps=(3,))

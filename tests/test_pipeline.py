@@ -1,12 +1,10 @@
 """Pipeline parallelism (megatron-core 1F1B) on 2-4 gloo ranks against the single-process HF run."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
-from distutil import (COMMON, TRAIN, WORKER, assert_matches_reference, assert_partitions_predicted, losses,
-                      record, run, torchrun)
+from distutil import (COMMON, LLAMA_RTE, TRAIN, WORKER, assert_matches_reference, assert_partitions_predicted,
+                      losses, record, torchrun)
 
 pytestmark = pytest.mark.dist
 
@@ -26,15 +24,12 @@ def test_pipeline_matches_single_process(backbone, reference, tmp_path, tp, pp, 
     assert_partitions_predicted(tmp_path, backbone, world, tp, pp)
 
 
-def test_pipeline_llama_untied_head(family_dirs, tmp_path):
+def test_pipeline_llama_untied_head(family_dirs, llama_reference, tmp_path):
     """LLaMA (untied lm_head, RoPE on every stage, GQA) on RTE at PP=2 against HF in one process."""
-    flags = ["--model", family_dirs["llama"], "--task", "rte", "--max_seq_len", 96, *COMMON]
-    run([sys.executable, WORKER, "--record", tmp_path / "ref" / "rec", "--output_dir", tmp_path / "ref",
-         "--splice", "reference", *flags])
-    torchrun(2, WORKER, "--record", tmp_path / "pp" / "rec", "--output_dir", tmp_path / "pp", "--backend", "megatron",
-             "--pp", 2, *flags)
-    assert_matches_reference(tmp_path / "ref", tmp_path / "pp", steps=(3,))
-    assert_partitions_predicted(tmp_path / "pp", family_dirs["llama"], 2, pp=2)  # output_layer on the last stage
+    torchrun(2, WORKER, "--record", tmp_path / "rec", "--output_dir", tmp_path, "--model", family_dirs["llama"],
+             "--backend", "megatron", "--pp", 2, *LLAMA_RTE, *COMMON)
+    assert_matches_reference(llama_reference, tmp_path, steps=(3,))
+    assert_partitions_predicted(tmp_path, family_dirs["llama"], 2, pp=2)  # output_layer on the last stage
 
 
 def test_pipeline_recompute_bit_identical(backbone, tmp_path):
