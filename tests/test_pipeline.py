@@ -32,13 +32,15 @@ def test_pipeline_llama_untied_head(family_dirs, llama_reference, tmp_path):
     assert_partitions_predicted(tmp_path, family_dirs["llama"], 2, pp=2)  # output_layer on the last stage
 
 
-def test_pipeline_recompute_bit_identical(backbone, tmp_path):
-    """megatron's full recompute at PP=2: the same bits, and the blocks really run twice."""
+@pytest.mark.parametrize("layout,blocks", [(["--tp", 2], 2), (["--pp", 2], 1)], ids=["tp2", "pp2"])
+def test_megatron_recompute_bit_identical(backbone, tmp_path, layout, blocks):
+    """megatron's full recompute at TP=2 and PP=2: the same bits, and every rank's layers really run
+    twice (``blocks`` layers on each rank's stage)."""
     runs = {}
     for ac in ("false", "true"):
         out = tmp_path / ac
         torchrun(2, WORKER, "--record", out / "rec", "--model", backbone, "--output_dir", out, "--backend", "megatron",
-                 "--pp", 2, "--activation_checkpointing", ac, *COMMON)
+                 *layout, "--activation_checkpointing", ac, *COMMON)
         runs[ac] = out
     assert losses(runs["true"]) == losses(runs["false"])
     on, off = record(runs["true"], 0), record(runs["false"], 0)
@@ -46,7 +48,7 @@ def test_pipeline_recompute_bit_identical(backbone, tmp_path):
         assert torch.equal(on["grads"][3][k], g), k
     for r in (0, 1):
         on, off = record(runs["true"], r), record(runs["false"], r)
-        assert on["checkpointed_blocks"] == 1 and off["checkpointed_blocks"] == 0
+        assert on["checkpointed_blocks"] == blocks and off["checkpointed_blocks"] == 0
         assert on["block_forwards"] == 2 * off["block_forwards"] > 0, (on["block_forwards"], off["block_forwards"])
 
 
