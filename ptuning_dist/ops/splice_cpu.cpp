@@ -20,10 +20,17 @@ void check_slots(const slot_t* slot, int64_t P, int64_t M) {
 
 }  // namespace
 
+// Row p of the output: its vocabulary row, zeros, or its prompt row (cast to the weight's dtype),
+// then, with a position table, + pos[pos_offset + s] computed in fp32 and rounded once, as torch adds
+// two tensors of the weight's dtype (so the result is bit-equal to lookup, insert, then add).
 torch::Tensor splice_fwd(torch::Tensor ids, torch::Tensor slot, torch::Tensor weight, int64_t vocab_start,
-                         torch::Tensor table, bool write_prompt, bool seq_first) {
+                         torch::Tensor table, bool write_prompt, bool seq_first, torch::Tensor pos,
+                         int64_t pos_offset) {
   const int64_t B = ids.size(0), S = ids.size(1), P = B * S;
   const int64_t V = weight.size(0), H = weight.size(1), M = table.size(0);
+  const bool has_pos = pos.numel() > 0;
+  TORCH_CHECK(!has_pos || (pos.scalar_type() == weight.scalar_type() && pos.size(1) == H &&
+                           pos.size(0) >= pos_offset + S), "splice: bad position table");
   auto out = seq_first ? torch::empty({S, B, H}, weight.options()) : torch::empty({B, S, H}, weight.options());
   const int64_t* id = ids.data_ptr<int64_t>();
   const float* tab = table.data_ptr<float>();
@@ -32,13 +39,30 @@ torch::Tensor splice_fwd(torch::Tensor ids, torch::Tensor slot, torch::Tensor we
     check_slots(sl, P, M);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "splice_fwd", [&] {
       const scalar_t* w = weight.data_ptr<scalar_t>();
+      const scalar_t* pe = has_pos ? pos.data_ptr<scalar_t>() : nullptr;
       scalar_t* o = out.data_ptr<scalar_t>();
       const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1));
       at::parallel_for(0, P, grain, [&](int64_t lo, int64_t hi) {
         for (int64_t p = lo; p < hi; ++p) {
           scalar_t* dst = o + out_row(p, B, S, seq_first) * H;
           const int64_t s = sl[p];
-          if (s >= 0) {
+          const int64_t v = id[p] - vocab_start;
+          const bool prompt = s >= 0, local = !prompt && v >= 0 && v < V;
+          if (has_pos) {  // one pass: (row or zero) + position
+            const scalar_t* q = pe + (pos_offset + p % S) * H;
+            if (prompt && write_prompt) {
+              const float* src = tab + s * H;
+              for (int64_t h = 0; h < H; ++h)
+                dst[h] = static_cast<scalar_t>(static_cast<float>(static_cast<scalar_t>(src[h])) +
+                                               static_cast<float>(q[h]));
+            } else if (local) {
+              const scalar_t* src = w + v * H;
+              for (int64_t h = 0; h < H; ++h)
+                dst[h] = static_cast<scalar_t>(static_cast<float>(src[h]) + static_cast<float>(q[h]));
+            } else {  // 0 + q, not a copy of q: -0.0 becomes +0.0 as in torch
+              for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<scalar_t>(0.0f + static_cast<float>(q[h]));
+            }
+          } else if (prompt) {
             if (!write_prompt) {
               std::memset(dst, 0, H * sizeof(scalar_t));
             } else if (std::is_same<scalar_t, float>::value) {
@@ -47,10 +71,10 @@ torch::Tensor splice_fwd(torch::Tensor ids, torch::Tensor slot, torch::Tensor we
               const float* src = tab + s * H;
               for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<scalar_t>(src[h]);
             }
+          } else if (local) {
+            std::memcpy(dst, w + v * H, H * sizeof(scalar_t));
           } else {
-            const int64_t v = id[p] - vocab_start;
-            if (v >= 0 && v < V) std::memcpy(dst, w + v * H, H * sizeof(scalar_t));
-            else std::memset(dst, 0, H * sizeof(scalar_t));
+            std::memset(dst, 0, H * sizeof(scalar_t));
           }
         }
       });

@@ -13,7 +13,11 @@ of the prompt table), built without a host sync by :func:`slot_map` from the col
 * ``table_MH[slot]`` cast to the weight's dtype if ``write_prompt``, else zeros (under TP exactly
   one rank writes the prompt rows, so the following all-reduce sums each row once).
 
-``seq_first`` writes [S, B, H] (megatron's layout) instead of [B, S, H]. The backward gives the
+``pos_weight_TH`` (a learned position table, megatron's GPT-2 style) adds row ``pos_offset + s`` to
+every position written (under TP pass it on the prompt-writing rank only). ``seq_first`` writes
+[S, B, H] (megatron's layout) instead of [B, S, H]. ``seq_start``/``seq_len`` write only the
+sequence chunk [seq_start, seq_start + seq_len) (sequence parallelism with a replicated table: each
+rank writes its own chunk, its positions counted from ``seq_start``). The backward gives the
 prompt table alone its gradient, in fp32: ``grad_table[m] = sum of grad_out over positions with
 slot == m``, independent of ``write_prompt`` (so every TP rank computes the same gradient), summed
 in a fixed order (no atomics), so the bits repeat run to run.
@@ -58,12 +62,28 @@ def slot_map(prompt_rows_N: Tensor, prompt_pos_N: Tensor, prompt_slots_N: Tensor
 
 
 def splice(ids_BS: Tensor, slot_BS: Tensor, weight_VH: Tensor, table_MH: Tensor, vocab_start: int = 0,
-           write_prompt: bool = True, seq_first: bool = False, backend: str = "fused") -> Tensor:
-    """embeds_BSH (or _SBH with ``seq_first``) in the weight's dtype; see the module docstring."""
+           write_prompt: bool = True, seq_first: bool = False, pos_weight_TH: Tensor | None = None,
+           seq_start: int = 0, seq_len: int | None = None, backend: str = "fused") -> Tensor:
+    """embeds_BLH (or _LBH with ``seq_first``) in the weight's dtype, L = ``seq_len`` (default: to the
+    end of the sequence); see the module docstring. Shapes are checked here, on the host."""
     if backend not in BACKENDS:
         raise ValueError(f"splice backend {backend!r}: expected one of {BACKENDS}")
+    S = ids_BS.shape[1]
+    seq_len = S - seq_start if seq_len is None else seq_len
+    if not (0 <= seq_start and 0 <= seq_len and seq_start + seq_len <= S):
+        raise ValueError(f"splice: sequence chunk [{seq_start}, {seq_start + seq_len}) is outside [0, {S})")
+    if slot_BS.shape != ids_BS.shape:
+        raise ValueError(f"splice: slot map {tuple(slot_BS.shape)} != ids {tuple(ids_BS.shape)}")
+    if pos_weight_TH is not None:
+        if pos_weight_TH.shape[0] < seq_start + seq_len or pos_weight_TH.shape[1:] != weight_VH.shape[1:] \
+                or pos_weight_TH.dtype != weight_VH.dtype:
+            raise ValueError(f"splice: position table {tuple(pos_weight_TH.shape)} {pos_weight_TH.dtype} cannot serve "
+                             f"positions up to {seq_start + seq_len} of a {tuple(weight_VH.shape)} {weight_VH.dtype} table")
+        pos_weight_TH = pos_weight_TH.detach()
+    if (seq_start, seq_len) != (0, S):  # a small int copy of the chunk's ids and slots (B x L)
+        ids_BS, slot_BS = ids_BS[:, seq_start:seq_start + seq_len], slot_BS[:, seq_start:seq_start + seq_len]
     return torch.ops.ptuning.splice(ids_BS, slot_BS, weight_VH.detach(), int(vocab_start), table_MH,
-                                    bool(write_prompt), bool(seq_first), backend)
+                                    bool(write_prompt), bool(seq_first), pos_weight_TH, int(seq_start), backend)
 
 
 def _pick(device: torch.device, backend: str) -> str:
@@ -87,7 +107,7 @@ def _load_cpu():
     global _cpu_ext
     if _cpu_ext is None:
         try:
-            from torch.utils.cpp_extension import load
+            from ptuning_dist.ops.jit import load  # torch's loader, minus the stale-lock hang
 
             src = Path(__file__).with_name("splice_cpu.cpp")
             _cpu_ext = load("ptuning_splice_cpu", [str(src)], extra_cflags=["-O3", "-fopenmp"],
@@ -101,7 +121,7 @@ def _load_cpu():
 
 # ---- the reference backend (pure torch, no data-dependent shapes) ----
 
-def _reference_fwd(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first):
+def _reference_fwd(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first, pos_TH, pos_offset):
     V, M = weight_VH.shape[0], table_MH.shape[0]
     v_BS = ids_BS - vocab_start
     local_BS1 = ((v_BS >= 0) & (v_BS < V)).unsqueeze(-1)
@@ -112,6 +132,8 @@ def _reference_fwd(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prom
         out_BSH = torch.where(slot_BS.unsqueeze(-1) >= 0, rows_BSH, out_BSH)
     else:
         out_BSH = torch.where(slot_BS.unsqueeze(-1) >= 0, zero, out_BSH)
+    if pos_TH is not None:
+        out_BSH = out_BSH + pos_TH[pos_offset:pos_offset + ids_BS.shape[1]].unsqueeze(0)
     return out_BSH.transpose(0, 1).contiguous() if seq_first else out_BSH
 
 
@@ -132,8 +154,9 @@ def _reference_bwd(grad, slot_BS, num_slots, seq_first):
 
 if triton is not None:
     @triton.jit
-    def _splice_fwd_kernel(ids_ptr, slot_ptr, w_ptr, tab_ptr, out_ptr, vocab_start, V, M, B, S, H,
-                           WRITE_PROMPT: tl.constexpr, SEQ_FIRST: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _splice_fwd_kernel(ids_ptr, slot_ptr, w_ptr, tab_ptr, pos_ptr, out_ptr, vocab_start, pos_offset, V, M, B, S, H,
+                           WRITE_PROMPT: tl.constexpr, SEQ_FIRST: tl.constexpr, HAS_POS: tl.constexpr,
+                           BLOCK_H: tl.constexpr):
         p = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = offs < H
@@ -150,6 +173,9 @@ if triton is not None:
             row = tl.where(prompt, t.to(row.dtype), row)
         else:
             row = tl.where(prompt, tl.zeros_like(row), row)
+        if HAS_POS:  # in fp32, rounded once to the output dtype (as torch adds two bf16 tensors)
+            pe = tl.load(pos_ptr + (pos_offset + p % S) * H + offs, mask=hmask, other=0.0)
+            row = (row.to(tl.float32) + pe.to(tl.float32)).to(row.dtype)
         if SEQ_FIRST:
             r = (p % S) * B + p // S
         else:
@@ -182,14 +208,15 @@ def _block_h(H: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(max(H, 1))))
 
 
-def _triton_fwd(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first):
+def _triton_fwd(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first, pos_TH, pos_offset):
     (B, S), (V, H) = ids_BS.shape, weight_VH.shape
     out = weight_VH.new_empty((S, B, H) if seq_first else (B, S, H))
     if B * S and H:
         bh = _block_h(H)
         _splice_fwd_kernel[(B * S, triton.cdiv(H, bh))](
-            ids_BS, slot_BS, weight_VH, table_MH.float().contiguous(), out, vocab_start, V, table_MH.shape[0],
-            B, S, H, WRITE_PROMPT=write_prompt, SEQ_FIRST=seq_first, BLOCK_H=bh)
+            ids_BS, slot_BS, weight_VH, table_MH.float().contiguous(), weight_VH if pos_TH is None else pos_TH, out,
+            vocab_start, pos_offset, V, table_MH.shape[0], B, S, H, WRITE_PROMPT=write_prompt, SEQ_FIRST=seq_first,
+            HAS_POS=pos_TH is not None, BLOCK_H=bh)
     return out
 
 
@@ -207,19 +234,22 @@ def _triton_bwd(grad, slot_BS, num_slots, seq_first):
 
 @torch.library.custom_op("ptuning::splice", mutates_args=())
 def _splice_op(ids_BS: Tensor, slot_BS: Tensor, weight_VH: Tensor, vocab_start: int, table_MH: Tensor,
-               write_prompt: bool, seq_first: bool, backend: str) -> Tensor:
+               write_prompt: bool, seq_first: bool, pos_weight_TH: Tensor | None, pos_offset: int,
+               backend: str) -> Tensor:
     args = (ids_BS.contiguous(), slot_BS.contiguous(), weight_VH.contiguous(), vocab_start)
+    pos = None if pos_weight_TH is None else pos_weight_TH.contiguous()
     kind = _pick(ids_BS.device, backend)
     if kind == "reference":
-        return _reference_fwd(*args, table_MH, write_prompt, seq_first)
+        return _reference_fwd(*args, table_MH, write_prompt, seq_first, pos, pos_offset)
     table_MH = table_MH.float().contiguous()
-    if kind == "cpu":
-        return _cpu_ext.splice_fwd(*args, table_MH, write_prompt, seq_first)
-    return _triton_fwd(*args, table_MH, write_prompt, seq_first)
+    if kind == "cpu":  # no position table: an empty one
+        return _cpu_ext.splice_fwd(*args, table_MH, write_prompt, seq_first,
+                                   weight_VH.new_empty((0,)) if pos is None else pos, pos_offset)
+    return _triton_fwd(*args, table_MH, write_prompt, seq_first, pos, pos_offset)
 
 
 @_splice_op.register_fake
-def _(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first, backend):
+def _(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first, pos_weight_TH, pos_offset, backend):
     (B, S), H = ids_BS.shape, weight_VH.shape[1]
     return weight_VH.new_empty((S, B, H) if seq_first else (B, S, H))
 
@@ -241,7 +271,7 @@ def _(grad_out, slot_BS, num_slots, seq_first, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    _, slot_BS, _, _, table_MH, _, seq_first, backend = inputs
+    _, slot_BS, _, _, table_MH, _, seq_first, _, _, backend = inputs
     ctx.save_for_backward(slot_BS)
     ctx.num_slots, ctx.table_dtype, ctx.seq_first, ctx.backend = table_MH.shape[0], table_MH.dtype, seq_first, backend
 
@@ -252,7 +282,7 @@ def _backward(ctx, grad_out):
         (slot_BS,) = ctx.saved_tensors
         grad_table = torch.ops.ptuning.splice_table_grad(grad_out, slot_BS, ctx.num_slots, ctx.seq_first,
                                                          ctx.backend).to(ctx.table_dtype)
-    return None, None, None, None, grad_table, None, None, None
+    return None, None, None, None, grad_table, None, None, None, None, None
 
 
 _splice_op.register_autograd(_backward, setup_context=_setup_context)

@@ -171,6 +171,9 @@ def init(need_group: bool, timeout_s: float = 600.0) -> Dist:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         if not dist.is_initialized():
+            from ptuning_dist.ops.jit import clear_stale_locks
+
+            clear_stale_locks()  # DeepSpeed JIT-builds its CPU comm op here: never wait on a dead build's lock
             port = int(os.environ.get("MASTER_PORT", 29500))
             with quiet_unless_main():
                 deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, verbose=False,
