@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptuning_dist.data.collate import Batch
-from ptuning_dist.ops.splice import insert_prompt_rows, splice_reference
 
 
 class FrozenLM(nn.Module):
@@ -35,24 +34,16 @@ class FrozenLM(nn.Module):
     def forward(self, ids_BS, attention_mask_BS, slot_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N,
                 target_pos_B, table_MH):
         """Logits (B x K) on the last pipeline stage; on an earlier one, its [s, b, h] output."""
-        embeds_BSH = None  # a later pipeline stage starts from the activations it received
-        if self.backbone.is_first_stage:
+        inputs = None  # a later pipeline stage starts from the activations it received
+        if self.backbone.is_first_stage:  # the backbone's input layout: [b, s, h] (HF) or [s, b, h] (megatron)
             if self.splice_kind == "fused":
-                embeds_BSH = self.backbone.splice(ids_BS, slot_BS, table_MH)
-            else:
-                embeds_BSH = self.reference_splice(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH)
-        hidden = self.backbone.hidden_at(embeds_BSH, attention_mask_BS, target_pos_B)
+                inputs = self.backbone.splice(ids_BS, slot_BS, table_MH)
+            else:  # the oracle: look up every token, then insert the prompt rows
+                inputs = self.backbone.reference_splice(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH)
+        hidden = self.backbone.hidden_at(inputs, attention_mask_BS, target_pos_B)
         if not self.backbone.is_last_stage:
             return hidden
         return self.backbone.head(hidden, self.candidate_ids_K)
-
-    def reference_splice(self, ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH) -> torch.Tensor:
-        """The reference splice: look up every token, then insert the prompt rows (the oracle)."""
-        if hasattr(self.backbone, "embed"):  # a vocabulary-parallel lookup (megatron backbone)
-            return insert_prompt_rows(self.backbone.embed(ids_BS), prompt_rows_N, prompt_pos_N, prompt_slots_N,
-                                      table_MH)
-        return splice_reference(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N,
-                                self.backbone.word_embeddings_VH, table_MH)
 
     def set_input_tensor(self, input_tensor) -> None:
         """A later pipeline stage's input, from megatron's schedule (see parallel/pipeline.py)."""

@@ -31,11 +31,44 @@ def _wrong_mapping_logits(bb, hf, embeds, mask, target, tp):
         naive = torch.cat(naive.chunk(2, dim=0)[::-1])
     right = w.detach().clone()
     w.data.copy_(naive)
-    wrong = bb.head_shard(bb.hidden_at(embeds, mask, target))
+    wrong = bb.head_shard(bb.hidden_at(decoder_input(bb, embeds), mask, target))
     w.data.copy_(right)
     parts = [torch.empty_like(wrong) for _ in range(tp)]
     dist.all_gather(parts, wrong)
     return torch.cat(parts, dim=-1)[:, : hf.config.vocab_size]
+
+
+def decoder_input(bb, embeds_BSH):
+    """HF adds learned positions inside its forward; megatron's decoder takes them added, [s, b, h]."""
+    pos = bb._position_table()
+    if pos is not None:
+        embeds_BSH = embeds_BSH + pos[: embeds_BSH.shape[1]].detach().unsqueeze(0)
+    return embeds_BSH.transpose(0, 1).contiguous()
+
+
+def splice_check(bb, ids):
+    """The fused splice on this TP rank's shard (prompt rows and positions on TP rank 0 only, then
+    the TP sum) against the reference path: forward and table gradient bit-equal, the table
+    gradient the same on every TP rank."""
+    from ptuning_dist.ops.splice_op import slot_map
+
+    B, S = ids.shape
+    g = torch.Generator().manual_seed(1)
+    rows, pos, slots = torch.tensor([0, 0, 2, 2, 2]), torch.tensor([0, 3, 1, 2, 6]), torch.tensor([1, 0, 2, 1, 0])
+    table = torch.randn(3, bb.hidden_size, generator=g)
+    grad_SBH = torch.randn(S, B, bb.hidden_size, generator=g)
+    outs, grads = [], []
+    for fused in (True, False):
+        t = table.clone().requires_grad_(True)
+        out = bb.splice(ids, slot_map(rows, pos, slots, B, S), t) if fused else bb.reference_splice(ids, rows, pos, slots, t)
+        out.backward(grad_SBH)
+        outs.append(out.detach())
+        grads.append(t.grad)
+    everyone = [torch.empty_like(grads[0]) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, grads[0])
+    return {"splice_equal": torch.equal(*outs), "splice_grad_equal": torch.equal(*grads),
+            "splice_grad_same_on_tp_ranks": all(torch.equal(x, everyone[0]) for x in everyone),
+            "splice_shape": list(outs[0].shape)}
 
 
 def main():
@@ -60,7 +93,7 @@ def main():
     target = torch.tensor([6, 4, 2])
     cands = torch.tensor([0, V - 1, V // 2, 7])  # both ends of the vocabulary, so of each TP shard
     with torch.no_grad():
-        hidden = bb.hidden_at(embeds, mask, target)
+        hidden = bb.hidden_at(decoder_input(bb, embeds), mask, target)
         shard = bb.head_shard(hidden)
         parts = [torch.empty_like(shard) for _ in range(tp)]
         dist.all_gather(parts, shard)
@@ -68,15 +101,18 @@ def main():
         ref = hf(inputs_embeds=embeds, attention_mask=mask).logits[torch.arange(3), target]
         head_full = bb.head(hidden, None)
         head_cands = bb.head(hidden, cands)
-        embed_diff = (bb.embed(ids) - hf.get_input_embeddings().weight[ids]).abs().max()
+        no_prompt = torch.zeros(0, dtype=torch.long)
+        embed_diff = (bb.reference_splice(ids, no_prompt, no_prompt, no_prompt, torch.zeros(0, H))
+                      - decoder_input(bb, hf.get_input_embeddings().weight[ids])).abs().max()
         wrong_diff = float((_wrong_mapping_logits(bb, hf, embeds, mask, target, tp) - ref).abs().max())
+    checks = splice_check(bb, ids)
     if dist.get_rank() == 0:
-        Path(out).write_text(json.dumps({"max_abs_diff": float((ours - ref).abs().max()), "tp": tp,
+        Path(out).write_text(json.dumps({**checks, "max_abs_diff": float((ours - ref).abs().max()), "tp": tp,
                                          "wrong_mapping_diff": wrong_diff,
                                          "head_full_diff": float((head_full - ref).abs().max()),
                                          "head_cands_diff": float((head_cands - ref[:, cands]).abs().max()),
                                          "embed_diff": float(embed_diff),
-                                         "ref_scale": float(ref.abs().max()),
+                                         "ref_scale": float(ref.abs().max()), "hidden": H,
                                          "shard_rows": bb.gpt.embedding.word_embeddings.weight.shape[0]}))
     dist.destroy_process_group()
 

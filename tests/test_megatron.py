@@ -45,7 +45,7 @@ def test_tp_shards_reassemble_the_full_model(family_dirs):
 @pytest.mark.dist
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("tp", [1, 2])
-def test_megatron_forward_equals_hf(family_dirs, tmp_path, tp, family):
+def test_megatron_forward_and_splice_equal_hf_and_reference(family_dirs, tmp_path, tp, family):
     out = tmp_path / "r.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp), "--master_port",
@@ -55,6 +55,10 @@ def test_megatron_forward_equals_hf(family_dirs, tmp_path, tp, family):
     res = json.loads(out.read_text())
     assert res["tp"] == tp and res["max_abs_diff"] < 2e-5, res  # seen: <= 3.1e-6
     assert res["head_full_diff"] < 2e-5 and res["head_cands_diff"] < 2e-5 and res["embed_diff"] == 0, res
+    # the fused splice on the vocabulary shard (prompt rows and positions written on TP rank 0) is the
+    # reference path bit for bit, [s, b, h], the prompt gradient the same on every TP rank
+    assert res["splice_equal"] and res["splice_grad_equal"] and res["splice_grad_same_on_tp_ranks"], res
+    assert res["splice_shape"] == [7, 3, res["hidden"]], res
     # a wrong QKV order (GPT-2) or a naive split of the fused gate/up matrix (LLaMA) is caught
     assert res["wrong_mapping_diff"] > 1e3 * max(res["max_abs_diff"], 1e-6), res
 

@@ -71,6 +71,13 @@ class HFBackbone(nn.Module):
 
         return splice(ids_BS, slot_BS, self.word_embeddings_VH, table_MH)
 
+    def reference_splice(self, ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH) -> torch.Tensor:
+        """The oracle: look up every token, then insert the prompt rows."""
+        from ptuning_dist.ops.splice import splice_reference
+
+        return splice_reference(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, self.word_embeddings_VH,
+                                table_MH)
+
     @property
     def word_embeddings_VH(self) -> torch.Tensor:
         return self.model.get_input_embeddings().weight

@@ -22,6 +22,7 @@ from ptuning_dist.backbone.megatron_import import (
     select_stage,
 )
 from ptuning_dist.errors import ConfigError
+from ptuning_dist.ops.splice import insert_prompt_rows
 
 
 def _tp_rank() -> int:
@@ -87,23 +88,18 @@ class MegatronBackbone(nn.Module):
         """Megatron's schedule hands a later stage its received activations here."""
         self.gpt.set_input_tensor(input_tensor)
 
-    def hidden_at(self, embeds_BSH, attention_mask_BS, target_pos_B) -> torch.Tensor:
-        """This stage's layers. First stage: word embeddings (+ learned positions; RoPE is applied
-        inside attention) -> [s, b, h] decoder input; later stages read the received activations
-        (``embeds_BSH`` is None). Last stage: the hidden state at the targets (B x H), else the
-        [s, b, h] activations for the next stage. Right padding lies after every target, so the
-        causal mask alone is exact there."""
+    def hidden_at(self, inputs_SBH, attention_mask_BS, target_pos_B) -> torch.Tensor:
+        """This stage's layers. First stage: ``inputs_SBH`` is the decoder input the splice wrote
+        (word or prompt rows plus learned positions, [s, b, h]; RoPE is applied inside attention);
+        later stages read the received activations (``inputs_SBH`` is None). Last stage: the hidden
+        state at the targets (B x H), else the [s, b, h] activations for the next stage. Right
+        padding lies after every target, so the causal mask alone is exact there."""
         B, S = attention_mask_BS.shape
         device = attention_mask_BS.device
-        decoder_input_SBH, rope = None, None
-        if self.gpt.position_embedding_type == "rope":
-            rope = self.gpt.rotary_pos_emb(S)
-        if self.is_first_stage:
-            if self.gpt.position_embedding_type != "rope":
-                embeds_BSH = embeds_BSH + self.gpt.embedding.position_embeddings.weight[:S].unsqueeze(0)
-            decoder_input_SBH = embeds_BSH.transpose(0, 1).contiguous()
+        rope = self.gpt.rotary_pos_emb(S) if self.gpt.position_embedding_type == "rope" else None
         causal = torch.triu(torch.ones(1, 1, S, S, dtype=torch.bool, device=device), diagonal=1)
-        hidden_SBH = self.gpt.decoder(hidden_states=decoder_input_SBH, attention_mask=causal, rotary_pos_emb=rope)
+        hidden_SBH = self.gpt.decoder(hidden_states=inputs_SBH if self.is_first_stage else None,
+                                      attention_mask=causal, rotary_pos_emb=rope)
         if not self.is_last_stage:
             return hidden_SBH
         return hidden_SBH[target_pos_B, torch.arange(B, device=device)]
@@ -118,8 +114,8 @@ class MegatronBackbone(nn.Module):
                   if getattr(m, "skip_bias_add", False) and isinstance(getattr(m, "bias", None), nn.Parameter)]
         if self.is_first_stage:
             params.append(self.gpt.embedding.word_embeddings.weight)
-            if self.gpt.position_embedding_type != "rope":
-                params.append(self.gpt.embedding.position_embeddings.weight)
+            if self._position_table() is not None:
+                params.append(self._position_table())
         if self.is_last_stage:
             params.append(self._head_weight())
         return list({id(p): p for p in params}.values())
@@ -139,10 +135,14 @@ class MegatronBackbone(nn.Module):
         start = _tp_rank() * rows
         return start, start + rows
 
-    def embed(self, ids_BS: torch.Tensor) -> torch.Tensor:
-        """Full word embeddings on every TP rank: each looks up the ids in its vocabulary shard,
-        zeros elsewhere, then a sum over the TP group. The table is frozen, so no gradient path is
-        needed through this all-reduce (the prompt rows are inserted after it)."""
+    def _position_table(self) -> torch.Tensor | None:
+        return None if self.gpt.position_embedding_type == "rope" else self.gpt.embedding.position_embeddings.weight
+
+    def reference_splice(self, ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH) -> torch.Tensor:
+        """The oracle path, step by step: each TP rank looks up the ids in its vocabulary shard
+        (zeros elsewhere), a sum over TP gives every rank the full word embeddings, the prompt rows
+        are inserted, learned positions added, then [b, s, h] -> [s, b, h]. The table is frozen, so
+        the all-reduce needs no gradient path (the prompt rows come after it)."""
         from megatron.core import parallel_state as ps
 
         weight = self.gpt.embedding.word_embeddings.weight.detach()
@@ -151,23 +151,29 @@ class MegatronBackbone(nn.Module):
         embeds_BSH = F.embedding((ids_BS - start).clamp(0, end - start - 1), weight) * local.unsqueeze(-1)
         if ps.get_tensor_model_parallel_world_size() > 1:
             torch.distributed.all_reduce(embeds_BSH, group=ps.get_tensor_model_parallel_group())
-        return embeds_BSH
+        embeds_BSH = insert_prompt_rows(embeds_BSH, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH)
+        pos_TH = self._position_table()
+        if pos_TH is not None:
+            embeds_BSH = embeds_BSH + pos_TH.detach()[: ids_BS.shape[1]].unsqueeze(0)
+        return embeds_BSH.transpose(0, 1).contiguous()
 
     def splice(self, ids_BS, slot_BS, table_MH) -> torch.Tensor:
-        """embeds_BSH by the fused op on this TP rank's vocabulary shard: its own vocabulary rows,
-        zeros elsewhere, the prompt rows on TP rank 0 only; then a sum over TP (backward: the
-        identity, so every TP rank computes the same table gradient)."""
+        """The decoder input [s, b, h] in one pass of the fused op over this TP rank's vocabulary
+        shard: its own vocabulary rows (zeros elsewhere), and on TP rank 0 only the prompt rows
+        and the learned positions; then a sum over TP (backward: the identity, so every TP rank
+        computes the same table gradient). Bit-equal to ``reference_splice``."""
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
         from ptuning_dist.ops.splice_op import splice
 
         start, _ = self._vocab_range()
-        embeds_BSH = splice(ids_BS, slot_BS, self.gpt.embedding.word_embeddings.weight, table_MH, vocab_start=start,
-                            write_prompt=_tp_rank() == 0)
+        owner = _tp_rank() == 0
+        inputs_SBH = splice(ids_BS, slot_BS, self.gpt.embedding.word_embeddings.weight, table_MH, vocab_start=start,
+                            write_prompt=owner, seq_first=True, pos_weight_TH=self._position_table() if owner else None)
         if ps.get_tensor_model_parallel_world_size() > 1:
-            embeds_BSH = reduce_from_tensor_model_parallel_region(embeds_BSH)
-        return embeds_BSH
+            inputs_SBH = reduce_from_tensor_model_parallel_region(inputs_SBH)
+        return inputs_SBH
 
     def head(self, hidden_BH: torch.Tensor, candidate_ids_K: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (fp32) over the candidates (each TP rank scores those in its shard, then a sum
