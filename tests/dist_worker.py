@@ -54,14 +54,37 @@ def main():
                 # the weights FrozenLM's own forward gathers (embeddings, head, returned biases)
                 rec["directly_read_numel"] = sum(p.ds_numel for p in model.backbone.directly_read_parameters())
 
-                def observed():
+                held = {id(p) for p in model.backbone.directly_read_parameters()}
+                rec["layers_gathered_before_release"] = []
+
+                def observed():  # inside the step's hold: the directly read weights are gathered on purpose
                     rec["gathered_before_release"].append(sum(p.data.numel() for p in model.frozen.parameters()))
+                    rec["layers_gathered_before_release"].append(
+                        sum(p.data.numel() for p in model.frozen.parameters() if id(p) not in held))
                     leftovers()
                 engine.optimizer.release_backward_leftovers = observed
+                # how often each directly read weight (embedding table, head, ...) is gathered per step:
+                # counted as its releases (AVAILABLE -> partitioned), which every gather ends with
+                from deepspeed.runtime.zero.partition_parameters import Init, ZeroParamStatus
+
+                names = {id(p): n for n, p in model.frozen.named_parameters()}
+                watched = {id(p) for p in model.backbone.directly_read_parameters()}
+                rec["_releases"], rec["gathers"] = {}, {}
+                partition = Init._partition
+
+                def counting(self, param_list, *a, **k):
+                    for p in param_list:
+                        if id(p) in watched and p.ds_status == ZeroParamStatus.AVAILABLE:
+                            rec["_releases"][names[id(p)]] = rec["_releases"].get(names[id(p)], 0) + 1
+                    return partition(self, param_list, *a, **k)
+                Init._partition = counting
             rec["encoder_numel"] = 0 if encoder is None else sum(p.numel() for p in encoder.parameters())
             rec["encoder_init"] = {} if encoder is None else {k: v.clone() for k, v in encoder.state_dict().items()}
 
         def after_backward(self, step, encoder):
+            if "_releases" in rec:  # ZeRO-3: the gathers of the directly read weights in this step
+                rec["gathers"][step] = dict(rec["_releases"])
+                rec["_releases"].clear()
             if step in grad_steps:
                 if encoder is not None:  # pipeline stages after the first have none
                     rec["grads"][step] = {n: p.grad.clone() for n, p in encoder.named_parameters()}
@@ -82,6 +105,7 @@ def main():
     out = Path(mine.record)
     out.mkdir(parents=True, exist_ok=True)
     rec.pop("_frozen")
+    rec.pop("_releases", None)
     torch.save(rec, out / f"rank{rank}.pt")
 
 

@@ -44,6 +44,13 @@ def test_zero3_partitions_backbone_and_replicates_encoder(zero3):
         assert local == -(-full // 2), f"{name}: {local} of {full} elements on rank 0, expected numel/2"
     assert r0["trainable"] == r0["encoder_numel"] > 0
     assert r0["materialised"][1] == r0["materialised"][3] == {}, "ZeRO-3 left parameters gathered after a step"
+    # the splice's table (tied: also the head) is gathered once per step, not once per micro-batch
+    # forward (2 micro-batches per rank and step here)
+    for r, rec in enumerate((r0, r1)):
+        assert sorted(rec["gathers"]) == [1, 2, 3], rec["gathers"]
+        for step, counts in rec["gathers"].items():
+            assert counts and set(counts.values()) == {1}, (r, step, counts)
+            assert any("wte" in n for n in counts), counts
     for k in r0["encoder_init"]:
         assert torch.equal(r0["encoder_init"][k], r1["encoder_init"][k])
         assert torch.equal(r0["params"][3][k], r1["params"][3][k]), f"encoder replicas diverged at {k}"

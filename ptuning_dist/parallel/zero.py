@@ -15,6 +15,10 @@ LSTM under ZeRO-3 partitioning is a known failure. So:
   table for the splice, the candidate-only head, megatron's returned biases:
   ``directly_read_parameters()``) is registered as external parameters of ``FrozenLM``: gathered
   once when its forward starts.
+- Those same weights are gathered ONCE per step (``held_for_step``): the splice reads the table
+  in every micro-batch's forward (and at PP > 1 in each of the schedule's forwards), and ZeRO-3
+  would otherwise all-gather it again each time. Holding them costs what the memory model
+  already counts (``memory.py``: what lies outside the layers is gathered for the whole step).
 - The forward calls ``FrozenLM`` itself (``engine.module``), never ``engine(...)``, whose
   backward bookkeeping refuses a plain ``loss.backward()``.
 - The encoder and its torch AdamW live outside; its gradient is averaged over the data-parallel
@@ -23,6 +27,7 @@ LSTM under ZeRO-3 partitioning is a known failure. So:
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -67,6 +72,38 @@ def shard_frozen(model: PTuningModel, ds_cfg: dict, megatron: bool = False):
             raise RuntimeError(f"ZeRO-3 did not partition {len(wrong)} frozen parameters over {dp} ranks, "
                                f"e.g. {wrong[0][0]}: {wrong[0][2]} of {wrong[0][1]} elements held")
     return engine
+
+
+_HOLD = -0x5EED  # a submodule id no module has (DeepSpeed numbers modules from 0)
+
+
+def held_for_step(engine, params: list):
+    """A context in which ZeRO-3 ``params`` are gathered once on entry and stay gathered until
+    exit, whatever the forwards and backwards inside gather and release; re-partitioned on exit.
+    A no-op without a ZeRO-3 engine.
+
+    How: ``deepspeed.zero.GatheredParameters`` gathers them; ZeRO-3's coordinator would still
+    release them at the end of FrozenLM's forward (it does not look at that context), but it
+    frees a parameter only when no submodule holds it (``ds_active_sub_modules`` empty), so the
+    context holds them under an id no module has. Relies on DeepSpeed internals (pinned 0.19.8);
+    the gather count per step is tested (``tests/test_distributed.py``)."""
+    if engine is None or not params or not hasattr(params[0], "ds_active_sub_modules"):
+        return nullcontext()
+    return _held(params)
+
+
+@contextmanager
+def _held(params):
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        for p in params:
+            p.ds_active_sub_modules.add(_HOLD)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.ds_active_sub_modules.discard(_HOLD)
 
 
 def partition_sizes(module: torch.nn.Module) -> list[tuple[str, int, int]]:

@@ -42,7 +42,7 @@ from ptuning_dist.parallel.checkpointing import apply_activation_checkpointing
 from ptuning_dist.parallel.ds_config import load_ds_config, zero_stage
 from ptuning_dist.parallel.fsdp import shard_frozen_fsdp2
 from ptuning_dist.parallel.pipeline import PipelineSchedule
-from ptuning_dist.parallel.zero import hf_zero3_context, shard_frozen
+from ptuning_dist.parallel.zero import held_for_step, hf_zero3_context, shard_frozen
 from ptuning_dist.prompt.export import ENCODER_FILE, save_encoder, save_table
 from ptuning_dist.train import checkpoint as ckpt
 from ptuning_dist.train.faults import maybe_fail
@@ -124,6 +124,10 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
 
     G, micro, per_rank = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.global_batch_size // dp
     release = engine.optimizer.release_backward_leftovers if zero_stage(ds_cfg) == 3 else (lambda: None)
+    # ZeRO-3: what the splice and head read directly (embedding table, head, ...) is gathered once
+    # per step and per evaluation, not once per micro-batch forward (costs: held for the whole step)
+    hold = partial(held_for_step, engine if zero_stage(ds_cfg) == 3 else None,
+                   model.backbone.directly_read_parameters())
     forward_backward = pipeline.train_step if pipeline is not None else partial(_forward_backward, model)
     metrics_f = _open_metrics(out, start) if D.is_main else None
     stats = torch.zeros(2, dtype=torch.float64, device=D.device)  # loss sum, tokens since the last log
@@ -143,9 +147,10 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
         if encoder is not None:
             table_MH = encoder()
             table_leaf = table_MH.detach().requires_grad_()
-        step_loss = forward_backward(batches, table_leaf)
+        with hold():
+            step_loss = forward_backward(batches, table_leaf)
+            release()  # ZeRO-3: re-partition what a recomputed block left gathered
         stats[1] += sum(b.n_tokens for b in batches)
-        release()  # ZeRO-3: re-partition what a recomputed block left gathered
         if encoder is not None:
             grad_MH = table_leaf.grad
             if dp > 1:  # over DP only: TP replicas already hold the same table gradient
@@ -185,12 +190,14 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
         if saving:
             ckpt.save_step(out, step, cfg, encoder, opt, sched, stream, backbone_id, D)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
-            res = evaluate(model, eval_ex, run.cands, cfg.train.eval_batch_size, run.tok.pad_id, D.device,
-                           pipeline=pipeline)
+            with hold():
+                res = evaluate(model, eval_ex, run.cands, cfg.train.eval_batch_size, run.tok.pad_id, D.device,
+                               pipeline=pipeline)
             say(f"step {step} eval {cfg.data.eval_split}: {_headline(res)}")
     if metrics_f:
         metrics_f.close()
-    return _finish(cfg, out, run, model, encoder, eval_ex, D, say, pipeline)
+    with hold():
+        return _finish(cfg, out, run, model, encoder, eval_ex, D, say, pipeline)
 
 
 def _forward_backward(model, batches, table_leaf) -> torch.Tensor:
