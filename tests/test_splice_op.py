@@ -348,3 +348,15 @@ def test_fused_equals_deterministic_reference_at_a_realistic_width():
     finally:
         torch.use_deterministic_algorithms(was)
     assert torch.equal(table_MH.grad, fused)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("n", [2, 3])
+def test_sequence_parallel_composition_over_gloo(n):
+    """The op under sequence parallelism with real collectives (tests/splice_sp_worker.py): a
+    vocabulary-parallel table reduce-scattered along s, and a replicated table writing only this
+    rank's chunk, each equal to the unsharded op's chunk; prompt gradients equal on every rank."""
+    from distutil import torchrun
+
+    p = torchrun(n, ROOT / "tests" / "splice_sp_worker.py", timeout=300)
+    assert p.stdout.count("SP_OK") == n, p.stdout + p.stderr
