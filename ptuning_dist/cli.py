@@ -69,12 +69,17 @@ def parse_run_config(argv, flags: dict[str, str], prog: str, extra=None) -> tupl
 
 
 def _run(fn) -> int:
+    from ptuning_dist.train.stop import EXIT_STOPPED, StopRequested
+
     _quiet_libraries()
     try:
         fn()
     except PTuningError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StopRequested as e:  # preempted / asked to stop: the checkpoint is written, requeue and resume
+        print(str(e), file=sys.stderr)
+        return EXIT_STOPPED
     return 0
 
 

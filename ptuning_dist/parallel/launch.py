@@ -3,6 +3,11 @@
 - ``deepspeed`` and ``torchrun`` set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
 - ``mpirun`` (MPICH/hydra: PMI_*, Open MPI: OMPI_COMM_WORLD_*) does not: DeepSpeed's MPI discovery
   (mpi4py) fills them in ``deepspeed.init_distributed``; the port comes from MASTER_PORT if set.
+- ``srun python launchers/train.py`` (one task per GPU): rank, world size and local rank come from
+  SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID (srun sets the STEP variable for its tasks,
+  never for the batch script itself, so a plain ``python`` in a batch script stays a world of one);
+  MASTER_ADDR from the batch script, else the node list's first host (``scontrol show hostnames``),
+  MASTER_PORT from the script, else one derived from the job id (the same on every task).
 - ``python launchers/train.py`` alone is a world of one; with ZeRO it gets a private 1-rank group.
 
 The world size is known from the environment BEFORE any process group exists, so the run and
@@ -14,6 +19,7 @@ import contextlib
 import io
 import os
 import socket
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,10 +40,38 @@ def launched_by_mpi() -> bool:
     return "RANK" not in os.environ and _first(_MPI_SIZE) is not None
 
 
+def launched_by_srun() -> bool:
+    return "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ
+
+
+def _srun_env() -> dict[str, str]:
+    """torch.distributed's variables for an srun task (see the module docstring)."""
+    env = {"RANK": os.environ["SLURM_PROCID"], "WORLD_SIZE": os.environ["SLURM_STEP_NUM_TASKS"],
+           "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0")}
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+        if not nodes:
+            raise ConfigError("srun launch: neither MASTER_ADDR nor SLURM_JOB_NODELIST is set")
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                 timeout=60, check=True).stdout.split()
+        except (OSError, subprocess.SubprocessError) as e:
+            raise ConfigError(f"srun launch: MASTER_ADDR is not set and `scontrol show hostnames {nodes}` failed "
+                              f"({e}); export MASTER_ADDR in the batch script") from None
+        if not out:
+            raise ConfigError(f"srun launch: `scontrol show hostnames {nodes}` printed no host")
+        env["MASTER_ADDR"] = out[0]
+    if "MASTER_PORT" not in os.environ:
+        env["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+    return env
+
+
 def env_world() -> tuple[int, int]:
     """(rank, world size) from the environment, without touching any process group."""
     if "WORLD_SIZE" in os.environ:
         return int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
+    if launched_by_srun():
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_STEP_NUM_TASKS"])
     if launched_by_mpi():
         return int(_first(_MPI_RANK) or 0), int(_first(_MPI_SIZE))
     return 0, 1
@@ -161,6 +195,8 @@ def init(need_group: bool, timeout_s: float = 600.0) -> Dist:
 
     ``timeout_s`` bounds every collective: a rank that died makes the others fail with an error
     instead of hanging (the deepspeed and torchrun launchers also kill the survivors)."""
+    if launched_by_srun():  # before anything reads RANK: srun's variables become torch.distributed's
+        os.environ.update(_srun_env())
     rank, world = env_world()
     if world > 1 or need_group:
         if not torch.cuda.is_available():

@@ -46,6 +46,7 @@ from ptuning_dist.parallel.zero import held_for_step, hf_zero3_context, shard_fr
 from ptuning_dist.prompt.export import ENCODER_FILE, save_encoder, save_table
 from ptuning_dist.train import checkpoint as ckpt
 from ptuning_dist.train.faults import maybe_fail
+from ptuning_dist.train.stop import StopRequested, StopWatch
 from ptuning_dist.train.build import build_model, build_run, examples, resolve_model_path
 
 _NONE = 2**62  # "no non-finite loss yet"
@@ -68,6 +69,11 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
     ``hooks`` (for tests and diagnostics) may define ``after_setup(model, encoder, engine)`` and
     ``after_backward(step, encoder)`` (encoder gradients final, before clipping and the update;
     ``encoder`` is None on pipeline stages after the first)."""
+    with StopWatch(Path(cfg.train.output_dir)) as stop:  # SIGUSR1/SIGTERM or <output_dir>/STOP: see stop.py
+        return _train(cfg, log, hooks, stop)
+
+
+def _train(cfg: RunConfig, log, hooks, stop: StopWatch) -> dict:
     _check_supported(cfg)
     _, world = launch.env_world()
     dp, accum = cfg.check_layout(world)
@@ -85,6 +91,7 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
     if D.is_main:
         out.mkdir(parents=True, exist_ok=True)
         resolve_model_path(cfg)  # builds the embedded default backbone once, before others read it
+        stop.clear_stale_file(say)
     D.barrier()
     heap = launch.HostHeap(D.device)  # before loading: the checkpoint read whole is then returned when freed
 
@@ -189,6 +196,12 @@ def train(cfg: RunConfig, log=print, hooks=None) -> dict:
             t_last, last_logged = now, step
         if saving:
             ckpt.save_step(out, step, cfg, encoder, opt, sched, stream, backbone_id, D)
+        if (step % cfg.train.log_every == 0 or saving) and step < cfg.train.max_steps and stop.agreed(D):
+            if not saving:  # a preempted job loses nothing: checkpoint this step, then leave together
+                ckpt.save_step(out, step, cfg, encoder, opt, sched, stream, backbone_id, D)
+            if metrics_f:
+                metrics_f.close()
+            raise StopRequested(step, stop.reason)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
             with hold():
                 res = evaluate(model, eval_ex, run.cands, cfg.train.eval_batch_size, run.tok.pad_id, D.device,
