@@ -30,6 +30,7 @@ from ptuning_dist.errors import ConfigError
 
 _MPI_RANK = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 _MPI_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+_MPI_LOCAL_RANK = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "PMIX_LOCAL_RANK")  # MPICH, Open MPI, PMIx
 
 
 def _first(names) -> str | None:
@@ -215,6 +216,9 @@ def init(need_group: bool, timeout_s: float = 600.0) -> Dist:
                 deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, verbose=False,
                                            timeout=timedelta(seconds=timeout_s))
         rank, world = dist.get_rank(), dist.get_world_size()
+    if _first(_MPI_LOCAL_RANK) is not None and "SLURM_STEP_NUM_TASKS" not in os.environ:
+        # mpirun: the MPI runtime's own local rank (DeepSpeed's discovery guesses it from host names)
+        os.environ["LOCAL_RANK"] = _first(_MPI_LOCAL_RANK)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
