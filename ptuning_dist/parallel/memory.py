@@ -239,7 +239,27 @@ def layout_memory(m: ModelShape, tp: int = 1, pp: int = 1, dp: int = 1, *, dtype
                   partitioning: str = "none", n_prompt: int = 6, encoder: str = "lstm", micro_batch: int = 8,
                   seq_len: int = 128, checkpointing: bool = False, micro_batches: int | None = None
                   ) -> list[RankMemory]:
-    """Predicted memory of every rank, in global rank order.
+    """Predicted memory of every rank, in global rank order (``stage_memory`` of each rank's stage
+    and DP rank; TP ranks hold the same sizes, and so do DP ranks unless partitioning is 'fsdp2')."""
+    kw = dict(dtype_bytes=dtype_bytes, partitioning=partitioning, n_prompt=n_prompt, encoder=encoder,
+              micro_batch=micro_batch, seq_len=seq_len, checkpointing=checkpointing, micro_batches=micro_batches)
+    cache: dict[tuple[int, int], RankMemory] = {}
+    out = []
+    for rank in range(tp * pp * dp):
+        stage, tp_rank, dp_rank = rank_coords(rank, tp, pp, dp)
+        key = (stage, dp_rank if partitioning == "fsdp2" else 0)
+        if key not in cache:
+            cache[key] = stage_memory(m, tp, pp, dp, stage, key[1], **kw)
+        out.append(replace(cache[key], tp_rank=tp_rank, dp_rank=dp_rank))
+    return out
+
+
+def stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_stage: int, dp_rank: int = 0, *,
+                 dtype_bytes: int = 4, partitioning: str = "none", n_prompt: int = 6, encoder: str = "lstm",
+                 micro_batch: int = 8, seq_len: int = 128, checkpointing: bool = False,
+                 micro_batches: int | None = None) -> RankMemory:
+    """Predicted memory of the ranks of stage ``pp_stage`` at DP rank ``dp_rank`` (any TP rank): what
+    a planner calls once per stage instead of once per rank.
 
     Encoder (stage 0 only, replicated over TP and DP; fp32): n = ``expected_num_params`` parameters,
     12n bytes always alive (parameters and AdamW's two moments) + 8n at the update (gradients and the
@@ -250,23 +270,14 @@ def layout_memory(m: ModelShape, tp: int = 1, pp: int = 1, dp: int = 1, *, dtype
     layers to this TP rank's shard in ``dtype_bytes``, then builds the stage's model:
     4 P_hf + (full-depth shard + stage) bytes.
     """
-    n_enc = PromptEncoder.expected_num_params(encoder, n_prompt, m.hidden)
-    full_depth, per_stage = _full_depth_numel(m, tp), m.layers // pp
-    layer = sum(prod(s) for _, s, _ in _layer_params(m, tp))
-    cache: dict[tuple[int, int], RankMemory] = {}  # TP ranks of one (stage, DP rank) hold the same sizes
-    out = []
-    for rank in range(tp * pp * dp):
-        stage, tp_rank, dp_rank = rank_coords(rank, tp, pp, dp)
-        key = (stage, dp_rank if partitioning == "fsdp2" else 0)
-        if key not in cache:
-            params = stage_params(m, tp, pp, dp, stage, key[1], partitioning)
-            r = cache[key] = RankMemory(stage, 0, 0, params, sum(p.held for p in params) * dtype_bytes)
-            r.encoder_bytes = 20 * n_enc if stage == 0 else 0
-            r.activation_bytes = activation_bytes(m, tp, pp, stage, micro_batch, seq_len, dtype_bytes, checkpointing,
-                                                  micro_batches)
-            if partitioning != "none" and dp > 1:
-                outside = sum(p.numel - p.held for p in params if not p.name.startswith("decoder.layers."))
-                r.gather_bytes = (outside + min(3, per_stage + 1) * layer) * dtype_bytes
-            r.load_bytes = 4 * m.hf_num_params() + (full_depth + sum(p.numel for p in params)) * dtype_bytes
-        out.append(replace(cache[key], tp_rank=tp_rank, dp_rank=dp_rank))
-    return out
+    params = stage_params(m, tp, pp, dp, pp_stage, dp_rank, partitioning)
+    r = RankMemory(pp_stage, 0, dp_rank, params, sum(p.held for p in params) * dtype_bytes)
+    r.encoder_bytes = 20 * PromptEncoder.expected_num_params(encoder, n_prompt, m.hidden) if pp_stage == 0 else 0
+    r.activation_bytes = activation_bytes(m, tp, pp, pp_stage, micro_batch, seq_len, dtype_bytes, checkpointing,
+                                          micro_batches)
+    if partitioning != "none" and dp > 1:
+        layer = sum(prod(s) for _, s, _ in _layer_params(m, tp))
+        outside = sum(p.numel - p.held for p in params if not p.name.startswith("decoder.layers."))
+        r.gather_bytes = (outside + min(3, m.layers // pp + 1) * layer) * dtype_bytes
+    r.load_bytes = 4 * m.hf_num_params() + (_full_depth_numel(m, tp) + sum(p.numel for p in params)) * dtype_bytes
+    return r

@@ -1,0 +1,190 @@
+"""``launchers/plan.py``: print a layout's per-rank memory, communication per step and verdict, no GPU.
+
+Exit 0 when it fits, 1 when it does not, 2 with ``error: ...`` (naming the flag, file or rule) when
+the layout does not divide or an input is bad. The numbers are ``ptuning_dist.parallel.planner``'s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ptuning_dist.errors import ConfigError, PTuningError
+from ptuning_dist.parallel.memory import ModelShape
+from ptuning_dist.parallel.planner import PRESETS, GiB, Plan, plan
+
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def model_shape(spec: str) -> tuple[str, ModelShape]:
+    """A preset name, or a Hugging Face config.json / model directory."""
+    if spec in PRESETS:
+        return spec, PRESETS[spec]
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(f"--model {spec!r}: neither a preset ({', '.join(PRESETS)}) "
+                          "nor an existing file or directory")
+    cfg = path / "config.json" if path.is_dir() else path
+    if not cfg.is_file():
+        raise ConfigError(f"--model {spec}: no config.json in the directory")
+    try:
+        shape = ModelShape.from_hf_config(json.loads(cfg.read_text()))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model {cfg}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"--model {cfg}: cannot read the model's shape ({e!r})") from None
+    return (path.name if path.is_dir() else path.parent.name or spec), shape
+
+
+def _numeric(d: dict, key: str, src: str) -> int | None:
+    v = d.get(key, "auto")
+    if v == "auto":
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f"{src}: {key} = {v!r}, expected a positive integer or \"auto\"")
+    return v
+
+
+def _agree(flag: str, given, key: str, found, src: str):
+    """The flag's value, the JSON's, or an error if both are set and differ (as load_ds_config does)."""
+    if given is not None and found is not None and given != found:
+        raise ConfigError(f"{src}: {key} = {found!r} contradicts {flag} {given!r}")
+    return found if given is None else given
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """plan()'s keyword arguments from the flags and the DeepSpeed JSON (its numeric fields; "auto"
+    ones fall back to the flags; a flag contradicting a number in the JSON is an error)."""
+    zero, dtype, micro, glob, accum, offload = args.zero_stage, args.dtype, args.micro_batch_size, \
+        args.global_batch_size, None, False
+    if args.ds_config:
+        path, src = Path(args.ds_config), f"--ds_config {args.ds_config}"
+        if not path.is_file():
+            raise ConfigError(f"--ds_config: file not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{src}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{src}: expected a JSON object")
+        z = d.get("zero_optimization", {})
+        stage = z.get("stage", 0)
+        if stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{src}: zero_optimization.stage = {stage!r}, must be 0, 1, 2 or 3")
+        zero = _agree("--zero_stage", zero, "zero_optimization.stage", stage, src)
+        on = [k for k in ("bf16", "fp16") if d.get(k, {}).get("enabled") is True]
+        if len(on) > 1:
+            raise ConfigError(f"{src}: bf16.enabled and fp16.enabled are both true; pick one")
+        ds_dtype = {"bf16": "bfloat16", "fp16": "float16"}[on[0]] if on else "float32"
+        if dtype not in (None, "float32", ds_dtype):  # the run's rule: model.dtype is float32 or the JSON's
+            raise ConfigError(f"{src}: implies backbone dtype {ds_dtype}, but --dtype {dtype}")
+        dtype = ds_dtype
+        micro = _agree("--micro_batch_size", micro, "train_micro_batch_size_per_gpu",
+                       _numeric(d, "train_micro_batch_size_per_gpu", src), src)
+        glob = _agree("--global_batch_size", glob, "train_batch_size", _numeric(d, "train_batch_size", src), src)
+        accum = _numeric(d, "gradient_accumulation_steps", src)
+        offload = str(z.get("offload_param", {}).get("device", "none")).lower() in ("cpu", "nvme")
+    return dict(zero_stage=0 if zero is None else zero, dtype_bytes=DTYPES[dtype or "float32"],
+                micro_batch=micro or 1, global_batch=glob, accumulation=accum, offload=offload)
+
+
+def _gib(x: float, digits: int = 2) -> str:
+    return f"{x / GiB:.{digits}f}"
+
+
+def _comm(x: float) -> str:
+    """GiB with 3 decimals, or in scientific notation when that would print a non-zero as 0.000."""
+    return f"{x / GiB:.3f}" if x == 0 or x >= GiB / 1000 else f"{x / GiB:.1e}"
+
+
+def report(p: Plan) -> list[str]:
+    m, ck = p.shape, "on" if p.checkpointing else "off"
+    part = {3: f"ZeRO-3: frozen weights partitioned over dp {p.dp}" + (", offloaded to the host" if p.offload else "")}
+    dtype = {2: "bf16/fp16 (2 bytes)", 4: "fp32 (4 bytes)"}[p.dtype_bytes]
+    out = [f"model: {p.name}: {m.family}-style, {m.layers} layers, hidden {m.hidden}, {m.heads} heads "
+           f"({m.kv_groups} kv groups), ffn {m.ffn}, vocab {m.vocab}, {m.max_positions} positions; "
+           f"{m.hf_num_params() / 1e9:.2f} B parameters",
+           f"layout: {p.nodes} node{'s' * (p.nodes != 1)} x {p.gpus_per_node} GPUs = {p.world} ranks = "
+           f"tp {p.tp} x pp {p.pp} x dp {p.dp}; "
+           + part.get(p.zero_stage, f"ZeRO-{p.zero_stage}: frozen weights replicated over dp {p.dp}") + f"; {dtype}",
+           f"batch: global {p.global_batch} = micro {p.micro_batch} x {p.micro_batches} micro-batches per step x "
+           f"dp {p.dp}; seq_len {p.seq_len}; {p.n_prompt} prompt tokens, {p.encoder} encoder; activation "
+           f"checkpointing {ck}", "",
+           f"memory per rank (GiB; every rank of a line holds the same; 'total' = the step's peak with "
+           f"checkpointing {ck}):"]
+    head = ["stage", "ranks", "frozen" + (" (host)" if p.offload else ""), "encoder+AdamW", "act no-ckpt",
+            "act ckpt", "gathers", "total", "load peak (host)"]
+    rows = [[r.stages, str(r.ranks), _gib(r.frozen), _gib(r.encoder), _gib(r.act), _gib(r.act_ckpt), _gib(r.gather),
+             _gib(r.total), _gib(r.load)] for r in p.stages]
+    out += _table(head, rows)
+    out += ["", "communication per optimizer step per rank (GiB sent; as much received):"]
+    head = ["stage", "ZeRO-3 all-gather", "TP all-reduce", "PP send", "DP all-reduce", "total"]
+    rows = [[r.stages] + [_comm(x) for x in (r.comm.zero3_gather, r.comm.tp_allreduce, r.comm.pp_send,
+                                               r.comm.dp_allreduce, r.comm.total)] for r in p.stages]
+    out += _table(head, rows)
+    load = max(r.load for r in p.stages)
+    out += ["", f"set-up: the importer reads the whole checkpoint in fp32 on every rank: up to {_gib(load, 1)} GiB of "
+            f"host memory per rank, {_gib(load * p.gpus_per_node, 1)} GiB per node of {p.gpus_per_node} GPUs",
+            f"runtime reserve (CUDA context, NCCL, allocator; not modelled): {_gib(p.reserve_bytes, 1)} GiB", "",
+            f"VERDICT: {p.verdict}"]
+    return out
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    w = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(c.rjust(n) for c, n in zip(cells, w))  # noqa: E731
+    return [line(head), line(["-" * n for n in w])] + [line(r) for r in rows]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="plan.py", description="Dry-run planner: per-rank memory, communication per "
+                                "step and a verdict for a TP x PP x DP layout, without any GPU. Exit 0: fits, "
+                                "1: does not fit, 2: does not divide or bad input.")
+    p.add_argument("--model", required=True, help=f"a preset ({', '.join(PRESETS)}) or a HF config.json / model dir")
+    p.add_argument("--nodes", type=int, default=1, help="default 1")
+    p.add_argument("--gpus-per-node", "--gpus_per_node", dest="gpus_per_node", type=int, default=8,
+                   help="default 8")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1); dp = world / (tp x pp)")
+    p.add_argument("--ds_config", help="DeepSpeed JSON: ZeRO stage, bf16/fp16, offload_param and numeric batch sizes")
+    p.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3),
+                   help="without --ds_config (default 0); with it, must agree with zero_optimization.stage")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="the backbone's dtype without --ds_config (default float32)")
+    p.add_argument("--micro_batch_size", type=int, help="default: the JSON's, else 1")
+    p.add_argument("--global_batch_size", type=int, help="default: the JSON's, else micro x dp")
+    p.add_argument("--seq_len", type=int, help="tokens per sample, prompt included (default: the model's positions)")
+    p.add_argument("--n_prompt", type=int, default=6, help="prompt tokens (default 6)")
+    p.add_argument("--encoder", default="lstm", choices=("lstm", "mlp", "embedding"))
+    p.add_argument("--gpu_mem_gb", type=float, default=80.0,
+                   help="GPU memory in GiB (default 80: an '80 GB' A100/H100 has 80 GiB)")
+    p.add_argument("--reserve_gb", type=float, default=2.0,
+                   help="GiB kept for what the model leaves out: CUDA context, NCCL buffers, allocator (default 2)")
+    p.add_argument("--activation_checkpointing", nargs="?", const="true", default="false", choices=("true", "false"),
+                   help="plan the step with full activation checkpointing (both are printed)")
+    return p
+
+
+def plan_main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        name, shape = model_shape(args.model)
+        kw = settings(args)
+        accum = kw.pop("accumulation")
+        world, cut = args.nodes * args.gpus_per_node, args.tp * args.pp
+        if kw["global_batch"] is None and accum is not None and cut > 0 and world % cut == 0:
+            kw["global_batch"] = kw["micro_batch"] * accum * (world // cut)  # the JSON's accumulation steps
+        if args.gpu_mem_gb <= 0 or args.reserve_gb < 0 or args.reserve_gb >= args.gpu_mem_gb:
+            raise ConfigError("--gpu_mem_gb must be > 0 and --reserve_gb in [0, --gpu_mem_gb)")
+        p = plan(shape, args.nodes, args.gpus_per_node, args.tp, args.pp, seq_len=args.seq_len, n_prompt=args.n_prompt,
+                 encoder=args.encoder, gpu_mem_bytes=int(args.gpu_mem_gb * GiB),
+                 reserve_bytes=int(args.reserve_gb * GiB), checkpointing=args.activation_checkpointing == "true",
+                 name=name, **kw)
+        if accum is not None and accum != p.micro_batches:
+            raise ConfigError(f"--ds_config {args.ds_config}: gradient_accumulation_steps = {accum} contradicts global "
+                              f"{p.global_batch} / (micro {p.micro_batch} x dp {p.dp}) = {p.micro_batches}")
+    except PTuningError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(report(p)))
+    return 0 if p.fits else 1
