@@ -158,6 +158,9 @@ def export_main(argv=None) -> int:
         args = p.parse_args(argv)
         run_dir = Path(args.run_dir)
         cfg = from_dict(load_file(run_dir / "run_config.json"))
+        # one process reads the backbone for its hidden size and fingerprint: however the run was
+        # parallelised (megatron TP/PP, ZeRO), the HF model at the same path is the same backbone
+        cfg.model.backend, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ds_config = "hf", 1, 1, None
         run = build_run(cfg, device=None)
         enc = PromptEncoder(cfg.prompt.encoder, run.template.n_prompt, run.backbone.hidden_size)
         load_encoder(run_dir / ENCODER_FILE, enc)

@@ -1,10 +1,12 @@
 """Pipeline parallelism (megatron-core 1F1B) on 2-4 gloo ranks against the single-process HF run."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
-from distutil import (COMMON, LLAMA_RTE, TRAIN, WORKER, assert_matches_reference, assert_partitions_predicted,
-                      losses, record, torchrun)
+from distutil import (COMMON, LLAMA_RTE, ROOT, TRAIN, WORKER, assert_matches_reference, assert_partitions_predicted,
+                      losses, record, run, torchrun)
 
 pytestmark = pytest.mark.dist
 
@@ -62,6 +64,11 @@ def test_launcher_model_parallel_checkpoint_and_exact_resume(backbone, tmp_path,
     full = tmp_path / "full"
     torchrun(2, TRAIN, *flags, "--output_dir", full)
     assert (full / "prompt_table" / "prompt_table.safetensors").is_file() and (full / "eval.json").is_file()
+    # export.py re-exports a megatron run's table in one plain process: the same table as training's
+    run([sys.executable, ROOT / "launchers" / "export.py", "--run_dir", full, "--out", tmp_path / "re"])
+    from ptuning_dist.prompt.export import load_table
+
+    assert torch.equal(load_table(tmp_path / "re")[0], load_table(full / "prompt_table")[0])
     cut = tmp_path / "cut"
     p = torchrun(2, TRAIN, *flags, "--output_dir", cut, ok=False, extra_env={"PTUNING_FAULT": "1:step:5"})
     assert p.returncode != 0

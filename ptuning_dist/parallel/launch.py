@@ -221,8 +221,10 @@ def init(need_group: bool, timeout_s: float = 600.0) -> Dist:
         os.environ["LOCAL_RANK"] = _first(_MPI_LOCAL_RANK)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # one GPU per task (srun --gpus-per-task=1, --gpu-bind=single): each task sees its GPU as cuda:0
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     return Dist(rank, world, local_rank, device)

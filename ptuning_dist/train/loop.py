@@ -201,6 +201,8 @@ def _train(cfg: RunConfig, log, hooks, stop: StopWatch) -> dict:
                 ckpt.save_step(out, step, cfg, encoder, opt, sched, stream, backbone_id, D)
             if metrics_f:
                 metrics_f.close()
+            if D.is_main:
+                stop.mark_stopped(step)
             raise StopRequested(step, stop.reason)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
             with hold():

@@ -3,27 +3,31 @@
 A job asks to stop by a signal to the training processes (SIGUSR1, e.g. Slurm's
 ``--signal=USR1@300``, or SIGTERM from ``scancel``/torchrun) or by creating ``<output_dir>/STOP``
 (what the batch scripts in ``slurm/`` do when THEY get the signal: it reaches every rank under any
-launcher, even through torchrun, which dies of a SIGUSR1 itself). A second identical signal kills
-at once.
+launcher, even through torchrun, which dies of a SIGUSR1 itself). The same signal again more than
+``REPEAT_KILLS_AFTER_S`` later kills at once (sooner it is taken for the same request delivered
+twice: Slurm signals the workers and torchrun's agent forwards its own copy).
 
 All ranks must stop at the same step (a rank that left would hang the others in a collective), so
 the request is agreed on log and save steps only, with one all-reduce(MAX) over the world: those
 steps already sync with the host, the others stay free of it. Stopping waits at most ``log_every``
 steps; the checkpoint is written atomically like any other, and ``--resume auto`` continues from it
-bit-identically.
+bit-identically. Rank 0 then writes ``<output_dir>/STOPPED`` (the step and the reason), so a batch
+script can tell a stop from a crash whatever exit code its launcher reports (torchrun: 1).
 """
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 EXIT_STOPPED = 99  # "stopped on request, checkpoint written: rerun with --resume auto" (the scripts requeue)
-STOP_FILE = "STOP"
+STOP_FILE, STOPPED_FILE = "STOP", "STOPPED"
+REPEAT_KILLS_AFTER_S = 10.0
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -44,6 +48,8 @@ class StopWatch:
         self.file = Path(out) / STOP_FILE
         self.reason: str | None = None
         self._previous: dict[int, object] = {}
+        self._first_signal_at = 0.0
+        self._started = time.time()
 
     def __enter__(self) -> "StopWatch":
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
@@ -57,16 +63,29 @@ class StopWatch:
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self.reason == name:  # asked twice: stop now, the default way
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.reason = name
+        if self.reason == name:
+            if time.monotonic() - self._first_signal_at > REPEAT_KILLS_AFTER_S:  # asked again: stop now
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        self.reason, self._first_signal_at = name, time.monotonic()
 
     def clear_stale_file(self, say) -> None:
-        """Rank 0 at start: a STOP file left by the job that stopped must not stop its requeued run."""
-        if self.file.exists():
-            self.file.unlink()
-            say(f"removed {self.file} (the stop request of an earlier run)")
+        """Rank 0 at start: a STOP file left by the run that stopped must not stop its requeued run;
+        one made since this process started is a real request and stays. So does STOPPED go."""
+        try:
+            if self.file.stat().st_mtime < self._started - 2.0:  # margin: file times use a coarse clock
+                self.file.unlink()
+                say(f"removed {self.file} (the stop request of an earlier run)")
+        except FileNotFoundError:
+            pass
+        (self.file.parent / STOPPED_FILE).unlink(missing_ok=True)
+
+    def mark_stopped(self, step: int) -> None:
+        """Rank 0, after the stop checkpoint: say so for the batch script."""
+        tmp = self.file.parent / (STOPPED_FILE + ".tmp")
+        tmp.write_text(f"{step} {self.reason}\n")
+        tmp.replace(self.file.parent / STOPPED_FILE)
 
     def local(self) -> str | None:
         if self.reason is None and self.file.exists():
