@@ -92,6 +92,22 @@ def median_ms(variants: dict, step, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+def uncached_fused_ms(quick: bool) -> float:
+    """The fused forward with its output cache off (read once per process: a fresh interpreter)."""
+    import os
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, %r); sys.argv = ['x'] + %r\n"
+            "import splice_speed; splice_speed.FUSED_ONLY = True; splice_speed.main()") % (
+        str(Path(__file__).parent), ["--quick"] if quick else [])
+    env = dict(os.environ, PTUNING_SPLICE_NO_OUTPUT_CACHE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    return float(out.split("FUSED_FWD_MS=")[1].split()[0])
+
+
+FUSED_ONLY = False
+
+
 def main() -> None:
     args = parse_args(__doc__, 10, "small shapes, 3 repeats")
     from ptuning_dist.ops.splice import splice_reference
@@ -143,6 +159,10 @@ def main() -> None:
     cases = [("batch-first [b, s, h]", {"naive (paper)": naive_paper, "naive (where)": naive_where,
                                        "reference": reference, "fused": fused}, grad_BSH),
              ("megatron [s, b, h] + positions", {"unfused": unfused_megatron, "fused": fused_megatron}, grad_SBH)]
+    if FUSED_ONLY:  # the subprocess of uncached_fused_ms
+        with torch.no_grad():
+            print(f"FUSED_FWD_MS={median_ms({'fused': fused}, lambda f: f(), repeats)['fused']:.3f}")
+        return
 
     def table_grad(f, grad):
         table_MH.grad = None
@@ -194,6 +214,8 @@ def main() -> None:
             fwd_speedup = {k: ms_f[k] / ms_f["fused"] for k in ("naive (paper)", "naive (where)", "reference")}
     print("\n".join(tables))
     print("syncs " + " ".join(f"{k}={v}" for k, v in sync_line.items()))
+    uncached = uncached_fused_ms(args.quick)
+    print(f"fused without its output cache: forward {uncached:.1f} ms")
     verdict = ("forward speed-up of fused over " + ", ".join(f"{k}: {v:.2f}x" for k, v in fwd_speedup.items())
                + f" (>= 2x over each: {'yes' if min(fwd_speedup.values()) >= 2 else 'no'})")
     print(verdict)
@@ -226,7 +248,12 @@ def main() -> None:
             f"Reading: {verdict}. The paper's backward is slow because each of its b x m in-place row "
             "assignments is an autograd `CopySlices` node whose backward copies the whole b x s x h gradient "
             f"({B * M} full-size copies per step); the `where` variant's backward scatters the full b x s x h "
-            "gradient of its gathered table copy back into m rows with `index_put(accumulate=True)`.", ""])
+            "gradient of its gathered table copy back into m rows with `index_put(accumulate=True)`. "
+            f"Of the fused op's own gain most is memory, not arithmetic: without its output cache "
+            f"(`PTUNING_SPLICE_NO_OUTPUT_CACHE=1`, same command, measured in a subprocess of this run) its "
+            f"forward takes {uncached:.1f} ms, almost all of it the kernel faulting in a fresh "
+            f"{B * S * H * 4 >> 20} MiB output page by page, as every torch op here does; the op keeps up to 4 "
+            "freed outputs (training asks for the same size every micro-batch) and writes into one.", ""])
 
 
 if __name__ == "__main__":

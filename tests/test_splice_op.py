@@ -360,3 +360,25 @@ def test_sequence_parallel_composition_over_gloo(n):
 
     p = torchrun(n, ROOT / "tests" / "splice_sp_worker.py", timeout=300)
     assert p.stdout.count("SP_OK") == n, p.stdout + p.stderr
+
+
+def test_large_outputs_reuse_freed_buffers_never_live_ones():
+    """The CPU kernel's output cache (outputs >= 4 MiB): a freed output's buffer serves the next
+    call, one still alive is never handed out twice, sizes that change (dynamic padding) are right."""
+    B, H, M, V = 2, 1024, 3, 50
+    g = torch.Generator().manual_seed(5)
+    W, table = torch.randn(V, H, generator=g), torch.randn(M, H, generator=g)
+    outs = []
+    for S in (600, 600, 520, 700):  # 4.9, 4.9, 4.3, 5.7 MB
+        ids = torch.randint(0, V, (B, S), generator=g)
+        plan = [torch.tensor([0, 1]), torch.tensor([1, S - 1]), torch.tensor([2, 0])]
+        out = splice(ids, slot_map(*plan, B, S), W, table)
+        assert torch.equal(out, splice_reference(ids, *plan, W, table)), S
+        outs.append(out)
+    old = {o.data_ptr() for o in outs}
+    assert len(old) == len(outs)  # all alive: all distinct
+    ids = torch.randint(0, V, (B, 600), generator=g)
+    del outs, out
+    again = splice(ids, torch.full((B, 600), -1, dtype=torch.int32), W, table)
+    assert torch.equal(again, F.embedding(ids, W))  # a reused buffer holds the last output's rows: all rewritten
+    assert again.data_ptr() in old  # the best-fitting freed buffer, no fresh pages to fault in

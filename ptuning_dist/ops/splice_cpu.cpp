@@ -4,7 +4,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstring>
-#include <sys/mman.h>
+#include <cstdlib>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -19,22 +22,69 @@ void check_slots(const slot_t* slot, int64_t P, int64_t M) {
     TORCH_CHECK(slot[p] < M, "splice: slot ", int64_t(slot[p]), " >= table rows ", M);
 }
 
-// The output, on transparent huge pages when it is large. Why: a fresh multi-MiB tensor comes from
-// mmap and the kernel faults it in 4 KiB at a time; measured here, faulting in a 64 MiB output took
-// ~20 ms of the op's ~27 ms (the copy itself ~3 ms). 2 MiB pages cut the faults 512-fold. Where THP
-// is off, madvise does nothing and this costs what torch::empty does.
+// The output, from a small cache of this op's freed outputs when it is large. Why: torch's CPU
+// allocator hands a multi-MiB tensor fresh mmap'd pages that the kernel faults in 4 KiB at a time;
+// measured here, faulting in a 64 MiB output took ~20 ms of the op's ~27 ms (the copy itself ~3 ms).
+// Training asks for the same size every micro-batch, and the previous output is freed by then
+// (after its backward), so reusing it skips the faults: what CUDA's caching allocator does on GPUs.
+// Cost: up to kKeep freed outputs stay resident between calls. (Transparent huge pages were tried
+// first: as fast when 2 MiB pages are free, but 1.6x slower than plain pages when the kernel had to
+// compact memory for them, which happened within one benchmark run.)
+constexpr size_t kCacheFrom = size_t(4) << 20;  // smaller outputs: torch::empty
+constexpr size_t kKeep = 4;
+
+struct OutputCache {
+  std::mutex mu;
+  std::vector<std::pair<size_t, void*>> free;  // (capacity in bytes, buffer)
+};
+
+OutputCache& cache() {
+  static auto* c = new OutputCache();  // never destroyed: deleters may run at interpreter exit
+  return *c;
+}
+
+void release(void* buf, size_t bytes) {
+  auto& c = cache();
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (c.free.size() < kKeep) {
+      c.free.emplace_back(bytes, buf);
+      return;
+    }
+  }
+  std::free(buf);
+}
+
 torch::Tensor empty_output(at::IntArrayRef sizes, const torch::TensorOptions& opts) {
-  constexpr size_t kHuge = size_t(2) << 20;
   int64_t numel = 1;
   for (auto n : sizes) numel *= n;
   const size_t bytes = size_t(numel) * opts.dtype().itemsize();
-  if (bytes < 4 * kHuge) return torch::empty(sizes, opts);
-  const size_t len = (bytes + kHuge - 1) / kHuge * kHuge + kHuge;  // room to align to 2 MiB
-  void* map = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (map == MAP_FAILED) return torch::empty(sizes, opts);
-  void* data = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(map) + kHuge - 1) & ~(kHuge - 1));
-  madvise(data, len - kHuge, MADV_HUGEPAGE);
-  return torch::from_blob(data, sizes, [map, len](void*) { munmap(map, len); }, opts);
+  static const bool off = std::getenv("PTUNING_SPLICE_NO_OUTPUT_CACHE") != nullptr;  // for measuring
+  if (bytes < kCacheFrom || off) return torch::empty(sizes, opts);
+  // dynamic padding changes the size every step: take the smallest cached buffer that holds this
+  // output and wastes at most half of itself; buffers are allocated in 1 MiB steps
+  void* buf = nullptr;
+  size_t cap = 0;
+  {
+    auto& c = cache();
+    std::lock_guard<std::mutex> lock(c.mu);
+    auto best = c.free.end();
+    for (auto it = c.free.begin(); it != c.free.end(); ++it)
+      if (it->first >= bytes && it->first <= 2 * bytes && (best == c.free.end() || it->first < best->first)) best = it;
+    if (best != c.free.end()) {
+      cap = best->first;
+      buf = best->second;
+      c.free.erase(best);
+    } else if (c.free.size() == kKeep) {  // none fits: make room for this size
+      std::free(c.free.front().second);
+      c.free.erase(c.free.begin());
+    }
+  }
+  if (buf == nullptr) {
+    cap = (bytes + (size_t(1) << 20) - 1) >> 20 << 20;
+    if (posix_memalign(&buf, 64, cap) != 0) return torch::empty(sizes, opts);
+  }
+  return torch::from_blob(buf, sizes, [buf, cap](void*) { release(buf, cap); }, opts);
 }
 
 }  // namespace
