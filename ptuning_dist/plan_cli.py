@@ -59,15 +59,9 @@ def settings(args: argparse.Namespace) -> dict:
     zero, dtype, micro, glob, accum, offload = args.zero_stage, args.dtype, args.micro_batch_size, \
         args.global_batch_size, None, False
     if args.ds_config:
-        path, src = Path(args.ds_config), f"--ds_config {args.ds_config}"
-        if not path.is_file():
-            raise ConfigError(f"--ds_config: file not found: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{src}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{src}: expected a JSON object")
+        from ptuning_dist.parallel.ds_config import read_ds_json
+
+        src, d = f"--ds_config {args.ds_config}", read_ds_json(args.ds_config)
         z = d.get("zero_optimization", {})
         stage = z.get("stage", 0)
         if stage not in (0, 1, 2, 3):

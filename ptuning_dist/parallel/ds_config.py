@@ -29,8 +29,9 @@ def _fill(d: dict, key: str, value, src: str, field: str) -> None:
                           f"(set it to \"auto\" to take the run config's value)")
 
 
-def load_ds_config(path: str | Path, cfg: RunConfig, world_size: int) -> tuple[dict, str]:
-    """(the DeepSpeed config to pass to deepspeed.initialize, the backbone dtype it implies)."""
+def read_ds_json(path: str | Path) -> dict:
+    """The DeepSpeed JSON as a dict; a missing file, bad JSON (with its line) or a non-object is a
+    ConfigError naming --ds_config."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--ds_config: file not found: {path}")
@@ -40,7 +41,13 @@ def load_ds_config(path: str | Path, cfg: RunConfig, world_size: int) -> tuple[d
         raise ConfigError(f"--ds_config {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--ds_config {path}: expected a JSON object")
-    d = copy.deepcopy(raw)
+    return raw
+
+
+def load_ds_config(path: str | Path, cfg: RunConfig, world_size: int) -> tuple[dict, str]:
+    """(the DeepSpeed config to pass to deepspeed.initialize, the backbone dtype it implies)."""
+    path = Path(path)
+    d = copy.deepcopy(read_ds_json(path))
     src = f"--ds_config {path}"
     dp, accum = cfg.check_layout(world_size)
     t = cfg.train
