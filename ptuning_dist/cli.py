@@ -22,6 +22,7 @@ TRAIN_FLAGS = {
     "encoder": "prompt.encoder", "template": "prompt.template",
     "task": "data.task", "data_dir": "data.data_dir", "relations": "data.relations",
     "allowed_vocab": "data.allowed_vocab", "max_seq_len": "data.max_seq_len",
+    "packing": "data.packing",
     "train_split": "data.train_split", "eval_split": "data.eval_split",
     "output_dir": "train.output_dir", "max_steps": "train.max_steps", "lr": "train.lr",
     "weight_decay": "train.weight_decay", "warmup_steps": "train.warmup_steps",
@@ -129,7 +130,8 @@ def evaluate_main(argv=None) -> int:
         else:
             model = PTuningModel(run.backbone, None, _cands(run), cfg.model.splice)
         ex = examples(run, args.split, manual=args.manual)
-        res = evaluate(model, ex, run.cands, cfg.train.eval_batch_size, run.tok.pad_id, run.device)
+        res = evaluate(model, ex, run.cands, cfg.train.eval_batch_size, run.tok.pad_id, run.device,
+                       pack_to=cfg.pack_to)
         res["split"] = args.split
         text = json.dumps(res, indent=2)
         print(text)

@@ -71,12 +71,19 @@ class DataConfig:
     ('objects' for the bundled default task, 'full' for lama)."""
     max_seq_len: int = 256
     """Rows longer than this lose tokens from their longest input field."""
+    packing: str = "auto"
+    """'on': each micro-batch is packed (data/packing.py): the rows' shared prefix (the leading
+    prompt tokens and anchors every row has) computed once, several rows per sequence of at most
+    max_seq_len positions, no padding; same loss, less work. 'off': rows padded to the longest
+    of their micro-batch. 'auto' (default): 'on' with the hf backend, 'off' with megatron (its
+    attention takes no packed mask yet)."""
     train_split: str = "train"
     eval_split: str = "dev"
     """Splits (LAMA: file names in each relation folder; SuperGLUE: train, dev32, val)."""
 
     def __post_init__(self):
         _require(self.max_seq_len >= 8, "data.max_seq_len", f"must be >= 8, got {self.max_seq_len}")
+        _require(self.packing in ("auto", "on", "off"), "data.packing", f"{self.packing!r} is not auto, on or off")
 
 
 @dataclass
@@ -150,6 +157,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        _require(not (self.data.packing == "on" and self.model.backend == "megatron"), "data.packing",
+                 "'on' needs model.backend = hf (megatron's attention takes no packed mask yet); use auto or off")
+
+    @property
+    def pack_to(self) -> int | None:
+        """The packed sequence length (collate's ``pack_to``), or None when micro-batches are padded."""
+        return self.data.max_seq_len if self.data.packing != "off" and self.model.backend == "hf" else None
 
     def check_layout(self, world_size: int) -> tuple[int, int]:
         """(dp, accumulation) for this world size: tp*pp*dp == world and

@@ -18,10 +18,11 @@ from ptuning_dist.parallel.launch import data_parallel
 
 @torch.no_grad()
 def predict(model: PTuningModel, examples: list[Example], batch_size: int, pad_id: int, device,
-            table_MH: torch.Tensor | None = None, pipeline=None) -> list[int]:
+            table_MH: torch.Tensor | None = None, pipeline=None, pack_to: int | None = None) -> list[int]:
     """Argmax predictions. ``table_MH``: the prompt table to use (an exported one, or an empty
     one for the manual baseline); by default the model's prompt source, computed once here.
     ``pipeline``: a ``parallel.pipeline.PipelineSchedule`` when the model is one pipeline stage.
+    ``pack_to``: pack the batches (``RunConfig.pack_to``; the predictions are the same).
 
     With several ranks each predicts an equal share (padded), so every rank runs the same number
     of forwards (ZeRO-3 gathers are collectives), and the shares are gathered."""
@@ -35,7 +36,7 @@ def predict(model: PTuningModel, examples: list[Example], batch_size: int, pad_i
     mine = mine + [examples[0]] * (share - len(mine))
     preds = []
     for i in range(0, share, batch_size):
-        batch = collate(mine[i : i + batch_size], pad_id).to(device)
+        batch = collate(mine[i : i + batch_size], pad_id, pack_to=pack_to).to(device)
         if pipeline is not None:
             preds.extend(pipeline.argmax(batch, table_MH))
         else:
@@ -74,8 +75,8 @@ def classification_metrics(preds: list[int], examples: list[Example], labels: li
 
 
 def evaluate(model: PTuningModel, examples: list[Example], cands, batch_size: int, pad_id: int, device,
-             table_MH: torch.Tensor | None = None, pipeline=None) -> dict:
-    preds = predict(model, examples, batch_size, pad_id, device, table_MH, pipeline)
+             table_MH: torch.Tensor | None = None, pipeline=None, pack_to: int | None = None) -> dict:
+    preds = predict(model, examples, batch_size, pad_id, device, table_MH, pipeline, pack_to)
     if cands.names is not None:
         return classification_metrics(preds, examples, cands.names)
     return lama_metrics(preds, examples)

@@ -4,7 +4,7 @@ One forward per micro-batch::
 
     table_MH   = prompt()                          once per step, fp32 (the encoder or an exported table)
     embeds_BSH = splice(ids, plan, word_emb, table)  prompt rows at prompt positions
-    hidden_BH  = backbone.hidden_at(embeds, mask, target_pos)
+    hidden_BH  = backbone.hidden_at(embeds, mask, target_pos)   packed batches: one prefix, no padding
     logits_BK  = backbone.head(hidden_BH, candidates)   K = verbalizer / allowed ids, or V
 
 The loss and evaluation read the SAME logits (the hidden state of the position just before the
@@ -32,15 +32,20 @@ class FrozenLM(nn.Module):
         self.register_buffer("candidate_ids_K", candidate_ids_K, persistent=False)
 
     def forward(self, ids_BS, attention_mask_BS, slot_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N,
-                target_pos_B, table_MH):
-        """Logits (B x K) on the last pipeline stage; on an earlier one, its [s, b, h] output."""
+                target_pos_B, table_MH, target_row_B=None, position_BS=None, segment_BS=None):
+        """Logits (B x K) on the last pipeline stage; on an earlier one, its [s, b, h] output.
+        ``position_BS``/``segment_BS``: a packed batch (data/packing.py; the HF backbone only)."""
         inputs = None  # a later pipeline stage starts from the activations it received
         if self.backbone.is_first_stage:  # the backbone's input layout: [b, s, h] (HF) or [s, b, h] (megatron)
             if self.splice_kind == "fused":
                 inputs = self.backbone.splice(ids_BS, slot_BS, table_MH)
             else:  # the oracle: look up every token, then insert the prompt rows
                 inputs = self.backbone.reference_splice(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH)
-        hidden = self.backbone.hidden_at(inputs, attention_mask_BS, target_pos_B)
+        if position_BS is not None:
+            hidden = self.backbone.hidden_at(inputs, attention_mask_BS, target_pos_B, target_row_B=target_row_B,
+                                             position_BS=position_BS, segment_BS=segment_BS)
+        else:
+            hidden = self.backbone.hidden_at(inputs, attention_mask_BS, target_pos_B)
         if not self.backbone.is_last_stage:
             return hidden
         return self.backbone.head(hidden, self.candidate_ids_K)
@@ -74,7 +79,8 @@ class PTuningModel(nn.Module):
             else:
                 table_MH = self.prompt()
         return self.frozen(batch.ids_BS, batch.attention_mask_BS, batch.slot_BS, batch.prompt_rows_N,
-                           batch.prompt_pos_N, batch.prompt_slots_N, batch.target_pos_B, table_MH)
+                           batch.prompt_pos_N, batch.prompt_slots_N, batch.target_pos_B, table_MH,
+                           batch.target_row_B, batch.position_BS, batch.segment_BS)
 
     def loss(self, batch: Batch, table_MH: torch.Tensor | None = None) -> torch.Tensor:
         return F.cross_entropy(self.logits(batch, table_MH), batch.label_B)

@@ -100,3 +100,24 @@ def test_bad_config_file_and_foreign_table_are_refused(default_run, tmp_path):
                        seed=1, initializer_range=0.2)
     p = launch("evaluate", "--model", other, "--prompt_table", default_run / "prompt_table", "--split", "dev", ok=False)
     assert p.returncode == 2 and "was trained on backbone" in p.stderr
+
+
+@pytest.mark.parametrize("env,partitioned,mode", [(None, False, "off"), (None, True, "mmap"), ("trim", False, "trim"),
+                                                  ("off", True, "off"), ("mmap", False, "mmap")])
+def test_host_heap_mode(monkeypatch, env, partitioned, mode):
+    """PTUNING_HOST_MALLOC=auto (unset) pins the mmap threshold only where ZeRO-3/FSDP2 gathers."""
+    import torch
+
+    from ptuning_dist.errors import ConfigError
+    from ptuning_dist.parallel.launch import HostHeap
+
+    if env is None:
+        monkeypatch.delenv("PTUNING_HOST_MALLOC", raising=False)
+    else:
+        monkeypatch.setenv("PTUNING_HOST_MALLOC", env)
+    # mode_for, not HostHeap(): constructing one would pin this test process's mmap threshold
+    assert HostHeap.mode_for(torch.device("cpu"), partitioned) == mode
+    assert HostHeap.mode_for(torch.device("meta"), partitioned) == "off"  # not host memory
+    monkeypatch.setenv("PTUNING_HOST_MALLOC", "always")
+    with pytest.raises(ConfigError, match="PTUNING_HOST_MALLOC"):
+        HostHeap.mode_for(torch.device("cpu"), False)

@@ -86,11 +86,28 @@ class HFBackbone(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.word_embeddings_VH.dtype
 
-    def hidden_at(self, embeds_BSH, attention_mask_BS, target_pos_B) -> torch.Tensor:
-        out = self.model.base_model(inputs_embeds=embeds_BSH, attention_mask=attention_mask_BS, use_cache=False)
+    def hidden_at(self, embeds_BSH, attention_mask_BS, target_pos_B, target_row_B=None, position_BS=None,
+                  segment_BS=None) -> torch.Tensor:
+        """The final hidden state at each row's target. A packed batch (``position_BS`` and
+        ``segment_BS``, see data/packing.py) gets its prefix-sharing mask, built here on the
+        device, and its position ids; ``target_row_B`` then says which packed row holds a target."""
+        position_ids = None
+        if position_BS is not None:
+            from ptuning_dist.data.packing import packed_attention_mask
+
+            allowed_B1SS = packed_attention_mask(position_BS, segment_BS)
+            if self.model.config._attn_implementation == "sdpa":
+                attention_mask_BS = allowed_B1SS  # boolean, True = attend
+            else:  # eager and the rest add the mask to the scores
+                blocked = torch.tensor(torch.finfo(embeds_BSH.dtype).min, dtype=embeds_BSH.dtype, device=embeds_BSH.device)
+                attention_mask_BS = torch.where(allowed_B1SS, torch.zeros_like(blocked), blocked)
+            position_ids = position_BS
+        out = self.model.base_model(inputs_embeds=embeds_BSH, attention_mask=attention_mask_BS,
+                                    position_ids=position_ids, use_cache=False)
         hidden_BSH = out.last_hidden_state
-        rows_B = torch.arange(hidden_BSH.shape[0], device=hidden_BSH.device)
-        return hidden_BSH[rows_B, target_pos_B]
+        if target_row_B is None:
+            target_row_B = torch.arange(hidden_BSH.shape[0], device=hidden_BSH.device)
+        return hidden_BSH[target_row_B, target_pos_B]
 
     def head(self, hidden_BH: torch.Tensor, candidate_ids_K: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (fp32) over the candidates, or over the whole vocabulary when None."""

@@ -137,15 +137,24 @@ class Batch:
     label_B: torch.Tensor  # index into the candidates
     n_tokens: int  # real (non-pad) tokens, a host int: tokens/s without a device sync
     groups: list[str] = field(default_factory=list)
+    target_row_B: torch.Tensor | None = None  # the row holding each target (packed batches; else row b)
+    position_BS: torch.Tensor | None = None  # packed batches only (data/packing.py): position ids
+    segment_BS: torch.Tensor | None = None  # and segments (0: the shared prefix, k >= 1: a row, -1: pad)
 
     def to(self, device) -> "Batch":
         moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in vars(self).items()}
         return Batch(**moved)
 
 
-def collate(examples: list[Example], pad_id: int, seq_len: int | None = None) -> Batch:
+def collate(examples: list[Example], pad_id: int, seq_len: int | None = None, pack_to: int | None = None) -> Batch:
     """Right-pad to the longest row of this batch (dynamic padding), or to ``seq_len`` (a
-    pipeline's micro-batches share one activation shape per step), and flatten the plan."""
+    pipeline's micro-batches share one activation shape per step), and flatten the plan.
+    ``pack_to``: pack instead, in rows of at most that many positions (``data/packing.py``)."""
+    if pack_to is not None:
+        from ptuning_dist.data.packing import pack
+
+        assert seq_len is None, "a packed batch has no fixed sequence length"
+        return pack(examples, pad_id, pack_to)
     S = max(len(e.enc.ids) for e in examples)
     if seq_len is not None:
         assert seq_len >= S, f"seq_len {seq_len} < the longest row {S}"
@@ -175,4 +184,5 @@ def collate(examples: list[Example], pad_id: int, seq_len: int | None = None) ->
         label_B=t([e.label for e in examples]),
         n_tokens=int(mask.sum()),
         groups=[e.group for e in examples],
+        target_row_B=torch.arange(B),
     )

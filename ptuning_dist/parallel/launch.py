@@ -92,19 +92,21 @@ class HostHeap:
     ~150 MiB of RSS per step, to twice ZeRO-0's, with no parameter left gathered.
     ``PTUNING_HOST_MALLOC`` picks the remedy (CPU runs only; GPU memory has its own allocator):
 
-    - ``mmap`` (default): pin the mmap threshold at 1 MiB (= ``MALLOC_MMAP_THRESHOLD_=1048576``, which
+    - ``auto`` (default): ``mmap`` when the frozen weights are partitioned over ranks (ZeRO-3 or
+      FSDP2 at DP > 1), else ``off``: without per-layer gathers there is nothing to fragment, and
+      pinning the threshold only page-faults every large activation (one process, measured in
+      benchmarks/vs_peft.py: steps 1.4x slower on the longer task).
+    - ``mmap``: pin the mmap threshold at 1 MiB (= ``MALLOC_MMAP_THRESHOLD_=1048576``, which
       glibc only reads at start-up): buffers >= 1 MiB are mmapped and returned on free, and ZeRO-3's
       RSS stays flat (within ~1.2x ZeRO-0's, instead of 2x); every gather page-faults fresh pages
       (steps 30-60% slower than ``off`` here).
     - ``trim``: ``malloc_trim(0)`` after every step: cheaper, but the heap regrows within each step
       (peak ~1.5x ZeRO-0's here).
-    - ``off``: glibc's defaults (fastest steps, peak ~2x ZeRO-0's here).
+    - ``off``: glibc's defaults (fastest steps, peak ~2x ZeRO-0's under ZeRO-3 here).
     """
 
-    def __init__(self, device: torch.device):
-        self.mode = os.environ.get("PTUNING_HOST_MALLOC", "mmap") if device.type == "cpu" else "off"
-        if self.mode not in ("trim", "mmap", "off"):
-            raise ConfigError(f"PTUNING_HOST_MALLOC={self.mode!r}: use mmap, trim or off")
+    def __init__(self, device: torch.device, partitioned: bool = False):
+        self.mode = self.mode_for(device, partitioned)
         self.libc = None
         if self.mode != "off":
             import ctypes
@@ -117,6 +119,16 @@ class HostHeap:
                 self.libc, self.mode = None, "off"
         if self.mode == "mmap":
             self.libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+    @staticmethod
+    def mode_for(device: torch.device, partitioned: bool) -> str:
+        """``PTUNING_HOST_MALLOC`` resolved for this run (``auto`` -> ``mmap`` or ``off``)."""
+        mode = os.environ.get("PTUNING_HOST_MALLOC", "auto")
+        if mode not in ("auto", "trim", "mmap", "off"):
+            raise ConfigError(f"PTUNING_HOST_MALLOC={mode!r}: use auto, mmap, trim or off")
+        if mode == "auto":
+            mode = "mmap" if partitioned else "off"
+        return mode if device.type == "cpu" else "off"
 
     def after_step(self) -> None:
         if self.mode == "trim":

@@ -93,7 +93,8 @@ def _train(cfg: RunConfig, log, hooks, stop: StopWatch) -> dict:
         resolve_model_path(cfg)  # builds the embedded default backbone once, before others read it
         stop.clear_stale_file(say)
     D.barrier()
-    heap = launch.HostHeap(D.device)  # before loading: the checkpoint read whole is then returned when freed
+    # before loading: the checkpoint read whole is then returned when freed
+    heap = launch.HostHeap(D.device, partitioned=dp > 1 and (zero_stage(ds_cfg) == 3 or cfg.parallel.fsdp2))
 
     # ZeRO-3 of an HF backbone: partitioned while it loads (megatron imports whole, then partitions)
     hf_ctx = hf_zero3_context(ds_cfg) if zero_stage(ds_cfg) == 3 and not megatron else None  # noqa: F841
@@ -135,6 +136,7 @@ def _train(cfg: RunConfig, log, hooks, stop: StopWatch) -> dict:
     # per step and per evaluation, not once per micro-batch forward (costs: held for the whole step)
     hold = partial(held_for_step, engine if zero_stage(ds_cfg) == 3 else None,
                    model.backbone.directly_read_parameters())
+    pack_to = cfg.pack_to if pipeline is None else None
     forward_backward = pipeline.train_step if pipeline is not None else partial(_forward_backward, model)
     metrics_f = _open_metrics(out, start) if D.is_main else None
     stats = torch.zeros(2, dtype=torch.float64, device=D.device)  # loss sum, tokens since the last log
@@ -146,9 +148,10 @@ def _train(cfg: RunConfig, log, hooks, stop: StopWatch) -> dict:
     for step in bar:
         maybe_fail("step", step)
         rows = [train_ex[j] for j in stream.take(G)[dp_rank * per_rank : (dp_rank + 1) * per_rank]]
-        # a pipeline sends one activation shape per step: pad to the step's longest row (a host int)
+        # a pipeline sends one activation shape per step: pad to the step's longest row (a host int);
+        # otherwise (hf backend) pack: the shared prompt prefix once, no padding (data/packing.py)
         seq_len = max(len(e.enc.ids) for e in rows) if pipeline is not None else None
-        batches = [collate(rows[i : i + micro], run.tok.pad_id, seq_len).to(D.device)
+        batches = [collate(rows[i : i + micro], run.tok.pad_id, seq_len, pack_to).to(D.device)
                    for i in range(0, per_rank, micro)]
         table_MH = table_leaf = None
         if encoder is not None:
@@ -207,7 +210,7 @@ def _train(cfg: RunConfig, log, hooks, stop: StopWatch) -> dict:
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
             with hold():
                 res = evaluate(model, eval_ex, run.cands, cfg.train.eval_batch_size, run.tok.pad_id, D.device,
-                               pipeline=pipeline)
+                               pipeline=pipeline, pack_to=pack_to)
             say(f"step {step} eval {cfg.data.eval_split}: {_headline(res)}")
     if metrics_f:
         metrics_f.close()
@@ -267,14 +270,14 @@ def _finish(cfg, out, run, model, encoder, eval_ex, D, say, pipeline) -> dict:
                    backbone_path=str(run.model_path), backbone_hash=run.backbone_hash,
                    tokenizer=str(run.model_path), vocab_size=run.tok.vocab_size,
                    extra={"task": cfg.data.task, "encoder": encoder.kind, "steps": cfg.train.max_steps})
-    bs, pad = cfg.train.eval_batch_size, run.tok.pad_id
+    bs, pad, pack_to = cfg.train.eval_batch_size, run.tok.pad_id, cfg.pack_to if pipeline is None else None
     no_prompt = torch.zeros((0, run.backbone.hidden_size), device=D.device)
     res = {
         "step": cfg.train.max_steps,
         "split": cfg.data.eval_split,
-        "ptuning": evaluate(model, eval_ex, run.cands, bs, pad, D.device, table_MH, pipeline),
+        "ptuning": evaluate(model, eval_ex, run.cands, bs, pad, D.device, table_MH, pipeline, pack_to),
         "manual_baseline": evaluate(model, examples(run, cfg.data.eval_split, manual=True), run.cands, bs, pad,
-                                    D.device, no_prompt, pipeline),
+                                    D.device, no_prompt, pipeline, pack_to),
         "prompt_table": str(out / "prompt_table"),
     }
     if D.is_main:

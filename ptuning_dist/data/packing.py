@@ -1,0 +1,126 @@
+"""Packing a micro-batch: one copy of the rows' shared prefix, several rows to a sequence, no padding.
+
+A P-tuning template that opens with prompt tokens (``[P*m] {x} ...``; PEFT's layout) gives every
+row of a batch the same first m tokens, and literal anchors can lengthen that prefix. Under causal
+attention those positions' hidden states are identical in every row, so the padded layout computes
+them B times. A packed row ("bin") holds the prefix once, then the rest (the "suffix") of each row
+placed in it, then padding to the longest bin::
+
+    ids      [P][P][P][P][P][P] | Paris is [MASK-1] | the Nile flows ... [MASK-1] | pad pad
+    position  0  1  2  3  4  5  |  6    7           |  6   7    8   ...           |  0   0
+    segment   0  0  0  0  0  0  |  1    1           |  2   2    2   ...           | -1  -1
+
+Token i attends to token j iff ``pos_j <= pos_i`` and (``seg_j == seg_i`` or ``seg_j == 0 < seg_i``):
+every row sees exactly its own prefix and its own earlier tokens, with its own position ids, as in
+the padded layout, so the loss and the prompt gradient are the same sums (float order aside;
+tested against the padded layout). The prefix's gradient collects every row's contribution
+through attention, as the padded layout's B copies sum theirs in the splice's backward.
+
+What it saves: LAMA-style rows (~6 prompt + 2-3 input tokens) shrink to ~1/3 of their positions;
+rows of uneven length (SuperGLUE) lose their padding. Costs: attention inside a bin is over the
+bin's length (bins are capped at ``capacity``, default ``data.max_seq_len``, so no worse than a
+padded row of that length), and the backbone builds a B' x T x T boolean mask per forward from the
+position and segment maps (on the device; the loader ships only B' x T ints).
+
+All of this runs in the data loader; the step reads ready-made tensors and never syncs the host.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def shared_prefix_len(encs) -> int:
+    """The number of leading positions where every row has the same token (the same id, and the
+    same prompt slot or none)."""
+    first = encs[0]
+    first_slots = dict(zip(first.prompt_pos, first.prompt_slot))
+    n = min(len(e.ids) for e in encs)
+    for e in encs[1:]:
+        slots = dict(zip(e.prompt_pos, e.prompt_slot))
+        p = 0
+        while p < n and e.ids[p] == first.ids[p] and slots.get(p, -1) == first_slots.get(p, -1):
+            p += 1
+        n = p
+    return n
+
+
+def assign_bins(lengths: list[int], prefix: int, capacity: int) -> list[list[int]]:
+    """First-fit decreasing: rows (by index) into bins of at most ``capacity`` positions, each bin
+    ``prefix`` + the suffixes of its rows. Deterministic (ties keep the batch order)."""
+    bins, used = [], []
+    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
+        n = lengths[b] - prefix
+        for k in range(len(bins)):
+            if used[k] + n <= capacity:
+                bins[k].append(b)
+                used[k] += n
+                break
+        else:
+            bins.append([b])
+            used.append(prefix + n)
+    return bins
+
+
+def pack(examples, pad_id: int, capacity: int):
+    """A packed ``Batch`` (B' bins x T positions) of these examples; labels, targets and groups stay
+    in the examples' order (``target_row_B``/``target_pos_B`` say where each row's target is)."""
+    from ptuning_dist.data.collate import Batch
+
+    encs = [e.enc for e in examples]
+    lengths = [len(e.ids) for e in encs]
+    P = shared_prefix_len(encs)
+    bins = assign_bins(lengths, P, max(capacity, max(lengths)))
+    T = max(P + sum(lengths[b] - P for b in members) for members in bins)
+    nb = len(bins)
+    ids = torch.full((nb, T), pad_id, dtype=torch.long)
+    position = torch.zeros((nb, T), dtype=torch.long)
+    segment = torch.full((nb, T), -1, dtype=torch.long)
+    slot_map = torch.full((nb, T), -1, dtype=torch.int32)
+    target_row, target_pos = [0] * len(encs), [0] * len(encs)
+    first = encs[0]
+    prefix_slots = [(p, s) for p, s in zip(first.prompt_pos, first.prompt_slot) if p < P]
+    rows, pos, slots = [], [], []
+    for k, members in enumerate(bins):
+        ids[k, :P] = torch.tensor(first.ids[:P], dtype=torch.long)
+        position[k, :P] = torch.arange(P)
+        segment[k, :P] = 0
+        for p, s in prefix_slots:
+            slot_map[k, p] = s
+            rows.append(k), pos.append(p), slots.append(s)
+        c = P  # where the next suffix starts in this bin
+        for seg, b in enumerate(members, start=1):
+            e, n = encs[b], lengths[b] - P
+            ids[k, c:c + n] = torch.tensor(e.ids[P:], dtype=torch.long)
+            position[k, c:c + n] = torch.arange(P, lengths[b])
+            segment[k, c:c + n] = seg
+            for p, s in zip(e.prompt_pos, e.prompt_slot):
+                if p >= P:
+                    slot_map[k, c + p - P] = s
+                    rows.append(k), pos.append(c + p - P), slots.append(s)
+            t = e.target_pos
+            target_row[b], target_pos[b] = k, (c + t - P if t >= P else t)  # a target inside the prefix is shared
+            c += n
+    t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return Batch(
+        ids_BS=ids,
+        attention_mask_BS=(segment >= 0).long(),
+        prompt_rows_N=t(rows),
+        prompt_pos_N=t(pos),
+        prompt_slots_N=t(slots),
+        slot_BS=slot_map,
+        target_pos_B=t(target_pos),
+        label_B=t([e.label for e in examples]),
+        n_tokens=sum(lengths),  # the rows' tokens, as unpacked: tokens/s stays comparable across layouts
+        groups=[e.group for e in examples],
+        target_row_B=t(target_row),
+        position_BS=position,
+        segment_BS=segment,
+    )
+
+
+def packed_attention_mask(position_BS: torch.Tensor, segment_BS: torch.Tensor) -> torch.Tensor:
+    """B x 1 x T x T booleans (True: may attend) for a packed batch; see the module docstring.
+    Padding (segment -1, position 0) attends to padding only, so no softmax row is empty."""
+    pos_i, pos_j = position_BS[:, :, None], position_BS[:, None, :]
+    seg_i, seg_j = segment_BS[:, :, None], segment_BS[:, None, :]
+    return ((pos_j <= pos_i) & ((seg_i == seg_j) | ((seg_j == 0) & (seg_i > 0))))[:, None]
