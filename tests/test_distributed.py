@@ -5,6 +5,7 @@ import json
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +172,16 @@ def test_launchers_run_two_ranks(backbone, tmp_path, launcher):
     out = p.stdout + p.stderr
     assert out.count("ZeRO stage 3, dp 2") == 1, out[-3000:]  # rank 0 logs, rank 1 stays quiet
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    # DeepSpeed's CPU comm op leaves a 66 MiB /dev/shm file per rank unless we unlink it (launch.py;
+    # tests/shm_worker.py shows the files are made and that the shm all-reduce works after unlinking)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+def test_deepspeed_shm_buffers_unlinked_and_still_used(tmp_path):
+    port = free_port()
+    run([BIN / "deepspeed", "--num_gpus", 2, "--master_port", port, ROOT / "tests" / "shm_worker.py"],
+        extra_env={"MASTER_PORT": str(port)})
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_zero3_bf16_backbone_fp32_encoder(backbone, reference, tmp_path):

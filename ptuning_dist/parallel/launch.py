@@ -22,6 +22,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -203,6 +204,27 @@ def init_model_parallel(tp: int, pp: int = 1) -> None:
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
 
+def deepspeed_shm_file(rank: int) -> Path:
+    """The /dev/shm file DeepSpeed's CPU comm op creates for ``rank`` (its shm.cpp names it by
+    uid, MASTER_ADDR, MASTER_PORT and rank) when every rank is on one host (LOCAL_SIZE == world)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def unlink_deepspeed_shm() -> None:
+    """Remove this rank's DeepSpeed shm buffer from /dev/shm once every rank has mapped it.
+
+    DeepSpeed 0.19.8 never unlinks it: each single-host run on CPU left 66 MiB per rank in
+    /dev/shm (RAM), under a new name per port, until a machine running many short jobs (our tests,
+    the benchmarks) had 18 GB of it and the kernel OOM-killed a run. Each rank maps every rank's
+    buffer inside ``init_distributed``; after a barrier the names can go (the mappings stay valid,
+    POSIX shm lives until the last unmap), so nothing is left even if the run is killed."""
+    if not dist.is_initialized() or os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        return
+    dist.barrier()
+    deepspeed_shm_file(dist.get_rank()).unlink(missing_ok=True)
+
+
 def init(need_group: bool, timeout_s: float = 600.0) -> Dist:
     """Start the process group when there is more than one rank or DeepSpeed needs one.
 
@@ -227,6 +249,7 @@ def init(need_group: bool, timeout_s: float = 600.0) -> Dist:
             with quiet_unless_main():
                 deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, verbose=False,
                                            timeout=timedelta(seconds=timeout_s))
+            unlink_deepspeed_shm()
         rank, world = dist.get_rank(), dist.get_world_size()
     if _first(_MPI_LOCAL_RANK) is not None and "SLURM_STEP_NUM_TASKS" not in os.environ:
         # mpirun: the MPI runtime's own local rank (DeepSpeed's discovery guesses it from host names)
