@@ -82,5 +82,5 @@ class PTuningModel(nn.Module):
                            batch.prompt_pos_N, batch.prompt_slots_N, batch.target_pos_B, table_MH,
                            batch.target_row_B, batch.position_BS, batch.segment_BS)
 
-    def loss(self, batch: Batch, table_MH: torch.Tensor | None = None) -> torch.Tensor:
-        return F.cross_entropy(self.logits(batch, table_MH), batch.label_B)
+    def loss(self, batch: Batch, table_MH: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(self.logits(batch, table_MH), batch.label_B, reduction=reduction)

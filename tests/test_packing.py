@@ -11,7 +11,8 @@ from ptuning_dist.backbone.hf import HFBackbone
 from ptuning_dist.backbone.tiny import default_backbone
 from ptuning_dist.config import from_dict
 from ptuning_dist.data.collate import Example, collate
-from ptuning_dist.data.packing import assign_bins, pack, packed_attention_mask, shared_prefix_len
+from ptuning_dist.data.packing import (assign_bins, forward_groups, pack, packed_attention_mask, packed_size,
+                                       shared_prefix_len, step_forwards)
 from ptuning_dist.errors import ConfigError
 from ptuning_dist.model import PTuningModel
 from ptuning_dist.prompt.encoder import PromptEncoder
@@ -68,6 +69,24 @@ def test_prefix_bins_and_plan():
     rows = list(zip(batch.prompt_rows_N.tolist(), batch.prompt_pos_N.tolist()))
     assert all(batch.slot_BS[r, p] == s for (r, p), s in zip(rows, batch.prompt_slots_N.tolist()))
     assert len(rows) == int((batch.slot_BS >= 0).sum())
+
+
+def test_step_forwards_fill_the_padded_budget_and_agree_across_ranks():
+    ex = rows_with_prefix(50, 0, 6, 0, [1, 2, 1, 3, 1, 1, 2, 1, 9, 1, 1, 1, 2, 1, 1, 1], seed=3)
+    longest = max(len(e.enc.ids) for e in ex)  # 15
+    # one rank, micro 4: four padded micro-batches of up to 4 x 15 positions; packed, 16 rows fit in 1-2
+    groups = step_forwards([ex], 0, 4, 64)
+    assert [e for g in groups for e in g] == ex  # every row once, in order
+    assert len(groups) < 4 and all(packed_size(g, 64) <= 4 * longest for g in groups)
+    # two ranks whose shares need different counts run as many forwards each
+    short, mixed = ex[:8], [ex[8]] * 4 + ex[9:13]
+    n = [len(forward_groups(r, 2 * longest, 64)) for r in (short, mixed)]
+    assert n[0] < n[1]
+    per_rank = [step_forwards([short, mixed], r, 2, 64) for r in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) == n[1]
+    assert [e for g in per_rank[0] for e in g] == short and all(g for g in per_rank[0])
+    # a budget of one row per forward is the padded layout's count
+    assert len(forward_groups(ex, 1, 64)) == len(ex)
 
 
 def test_mask_sees_own_row_and_prefix_only():

@@ -17,7 +17,11 @@ tested against the padded layout). The prefix's gradient collects every row's co
 through attention, as the padded layout's B copies sum theirs in the splice's backward.
 
 What it saves: LAMA-style rows (~6 prompt + 2-3 input tokens) shrink to ~1/3 of their positions;
-rows of uneven length (SuperGLUE) lose their padding. Costs: attention inside a bin is over the
+rows of uneven length (SuperGLUE) lose their padding. And since a packed micro-batch is smaller than
+the padded one the user sized ``micro_batch_size`` for, ``step_forwards`` fills each forward up to
+that padded size (``micro_batch_size`` x the step's longest row, in positions): fewer, fuller
+forwards, each reading the frozen weights once (at small batches the GEMMs are bound by those reads),
+never more activation memory than a padded micro-batch. Costs: attention inside a bin is over the
 bin's length (bins are capped at ``capacity``, default ``data.max_seq_len``, so no worse than a
 padded row of that length), and the backbone builds a B' x T x T boolean mask per forward from the
 position and segment maps (on the device; the loader ships only B' x T ints).
@@ -59,6 +63,42 @@ def assign_bins(lengths: list[int], prefix: int, capacity: int) -> list[list[int
             bins.append([b])
             used.append(prefix + n)
     return bins
+
+
+def packed_size(examples, capacity: int) -> int:
+    """Positions (bins x longest bin) that ``pack`` would compute for these examples."""
+    lengths = [len(e.enc.ids) for e in examples]
+    P = shared_prefix_len([e.enc for e in examples])
+    bins = assign_bins(lengths, P, max(capacity, max(lengths)))
+    return len(bins) * max(P + sum(lengths[b] - P for b in members) for members in bins)
+
+
+def forward_groups(rows: list, budget: int, capacity: int) -> list[list]:
+    """Consecutive rows into groups whose packed size stays within ``budget`` positions (a row
+    longer than the budget gets a group of its own)."""
+    groups, cur = [], []
+    for r in rows:
+        if cur and packed_size(cur + [r], capacity) > budget:
+            groups.append(cur)
+            cur = []
+        cur.append(r)
+    return groups + ([cur] if cur else [])
+
+
+def step_forwards(rows_by_rank: list[list], rank: int, micro: int, capacity: int) -> list[list]:
+    """This rank's rows of a step cut into forwards: each forward packed within ``micro`` x the
+    step's longest row positions, and as many forwards on every rank (ZeRO-3 gathers weights with
+    collectives per forward): each rank computes every rank's count from the same global batch, no
+    communication. A rank that needs fewer splits its largest groups in half."""
+    longest = max(len(e.enc.ids) for rows in rows_by_rank for e in rows)
+    budget = micro * longest
+    n = max(len(forward_groups(rows, budget, capacity)) for rows in rows_by_rank)
+    groups = forward_groups(rows_by_rank[rank], budget, capacity)
+    while len(groups) < n:  # n <= rows per rank, so a group of >= 2 rows exists
+        k = max(range(len(groups)), key=lambda i: len(groups[i]))
+        g = groups.pop(k)
+        groups[k:k] = [g[: len(g) // 2], g[len(g) // 2:]]
+    return groups
 
 
 def pack(examples, pad_id: int, capacity: int):

@@ -10,8 +10,8 @@ Per optimizer step, on every rank::
 
     table_MH = encoder()                      # ONCE per step (the output depends on no input)
     table_leaf = table_MH.detach().requires_grad_()
-    for each of this rank's micro-batches:    # gradient accumulation
-        loss(batch, table_leaf).backward()    # dgrad through the frozen backbone -> table_leaf.grad
+    for each of this rank's forwards:         # gradient accumulation (packed: data/packing.py)
+        (sum of CE / rows).backward()         # dgrad through the frozen backbone -> table_leaf.grad
     all_reduce(table_leaf.grad) / dp          # m x h floats: cheaper than the encoder's gradients
     table_MH.backward(table_leaf.grad)        # the encoder's forward and backward run once a step
     clip, optimizer.step(), scheduler.step()
@@ -36,6 +36,7 @@ from ptuning_dist.backbone.megatron_import import check_layout
 from ptuning_dist.config import RunConfig
 from ptuning_dist.errors import ConfigError
 from ptuning_dist.data.collate import SampleStream, collate
+from ptuning_dist.data.packing import step_forwards
 from ptuning_dist.evaluate import evaluate
 from ptuning_dist.parallel import launch
 from ptuning_dist.parallel.checkpointing import apply_activation_checkpointing
@@ -147,12 +148,16 @@ def _train(cfg: RunConfig, log, hooks, stop: StopWatch) -> dict:
                initial=start, total=cfg.train.max_steps, mininterval=1.0)
     for step in bar:
         maybe_fail("step", step)
-        rows = [train_ex[j] for j in stream.take(G)[dp_rank * per_rank : (dp_rank + 1) * per_rank]]
-        # a pipeline sends one activation shape per step: pad to the step's longest row (a host int);
-        # otherwise (hf backend) pack: the shared prompt prefix once, no padding (data/packing.py)
+        idx = stream.take(G)
+        rows_by_rank = [[train_ex[j] for j in idx[r * per_rank : (r + 1) * per_rank]] for r in range(dp)]
+        rows = rows_by_rank[dp_rank]
+        if pack_to is not None:  # hf backend: packed forwards, each within a padded micro-batch's positions
+            groups = step_forwards(rows_by_rank, dp_rank, micro, pack_to)
+        else:
+            groups = [rows[i : i + micro] for i in range(0, per_rank, micro)]
+        # a pipeline sends one activation shape per step: pad to the step's longest row (a host int)
         seq_len = max(len(e.enc.ids) for e in rows) if pipeline is not None else None
-        batches = [collate(rows[i : i + micro], run.tok.pad_id, seq_len, pack_to).to(D.device)
-                   for i in range(0, per_rank, micro)]
+        batches = [collate(g, run.tok.pad_id, seq_len, pack_to).to(D.device) for g in groups]
         table_MH = table_leaf = None
         if encoder is not None:
             table_MH = encoder()
@@ -219,10 +224,12 @@ def _train(cfg: RunConfig, log, hooks, stop: StopWatch) -> dict:
 
 
 def _forward_backward(model, batches, table_leaf) -> torch.Tensor:
-    """One pipeline stage (PP = 1): each micro-batch's loss / n backpropagates into table_leaf.grad."""
+    """One pipeline stage (PP = 1): each forward's summed loss / the step's rows backpropagates into
+    table_leaf.grad (forwards may hold different numbers of rows: packed ones are filled by size)."""
     step_loss = torch.zeros((), device=batches[0].ids_BS.device)
+    rows = sum(len(b.label_B) for b in batches)
     for batch in batches:
-        loss = model.loss(batch, table_leaf) / len(batches)
+        loss = model.loss(batch, table_leaf, reduction="sum") / rows
         loss.backward()
         step_loss += loss.detach()
     return step_loss
