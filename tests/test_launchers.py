@@ -102,10 +102,10 @@ def test_bad_config_file_and_foreign_table_are_refused(default_run, tmp_path):
     assert p.returncode == 2 and "was trained on backbone" in p.stderr
 
 
-@pytest.mark.parametrize("env,partitioned,mode", [(None, False, "off"), (None, True, "mmap"), ("trim", False, "trim"),
+@pytest.mark.parametrize("env,partitioned,mode", [(None, False, "off"), (None, True, "trim"), ("trim", False, "trim"),
                                                   ("off", True, "off"), ("mmap", False, "mmap")])
 def test_host_heap_mode(monkeypatch, env, partitioned, mode):
-    """PTUNING_HOST_MALLOC=auto (unset) pins the mmap threshold only where ZeRO-3/FSDP2 gathers."""
+    """PTUNING_HOST_MALLOC=auto (unset) trims the heap each step only where ZeRO-3/FSDP2 gathers."""
     import torch
 
     from ptuning_dist.errors import ConfigError

@@ -93,16 +93,18 @@ class HostHeap:
     ~150 MiB of RSS per step, to twice ZeRO-0's, with no parameter left gathered.
     ``PTUNING_HOST_MALLOC`` picks the remedy (CPU runs only; GPU memory has its own allocator):
 
-    - ``auto`` (default): ``mmap`` when the frozen weights are partitioned over ranks (ZeRO-3 or
+    - ``auto`` (default): ``trim`` when the frozen weights are partitioned over ranks (ZeRO-3 or
       FSDP2 at DP > 1), else ``off``: without per-layer gathers there is nothing to fragment, and
       pinning the threshold only page-faults every large activation (one process, measured in
-      benchmarks/vs_peft.py: steps 1.4x slower on the longer task).
+      benchmarks/vs_peft.py: steps 1.4x slower on the longer task). Under ZeRO-3 ``trim`` is the
+      middle (benchmarks/vs_peft.py, 2 ranks: 1.4x PEFT's steps/s at ~0.65x its peak memory;
+      ``off`` 1.6x at ~0.85x; ``mmap`` 0.9-1.0x at ~0.5x).
     - ``mmap``: pin the mmap threshold at 1 MiB (= ``MALLOC_MMAP_THRESHOLD_=1048576``, which
       glibc only reads at start-up): buffers >= 1 MiB are mmapped and returned on free, and ZeRO-3's
       RSS stays flat (within ~1.2x ZeRO-0's, instead of 2x); every gather page-faults fresh pages
-      (steps 30-60% slower than ``off`` here).
-    - ``trim``: ``malloc_trim(0)`` after every step: cheaper, but the heap regrows within each step
-      (peak ~1.5x ZeRO-0's here).
+      (steps 30-60% slower than ``off`` here). The leanest.
+    - ``trim``: ``malloc_trim(0)`` after every step: the heap is returned each step, so it cannot
+      grow across steps, but regrows within one (peak ~1.5x ZeRO-0's in benchmarks/zero_memory.py).
     - ``off``: glibc's defaults (fastest steps, peak ~2x ZeRO-0's under ZeRO-3 here).
     """
 
@@ -128,7 +130,7 @@ class HostHeap:
         if mode not in ("auto", "trim", "mmap", "off"):
             raise ConfigError(f"PTUNING_HOST_MALLOC={mode!r}: use auto, mmap, trim or off")
         if mode == "auto":
-            mode = "mmap" if partitioned else "off"
+            mode = "trim" if partitioned else "off"
         return mode if device.type == "cpu" else "off"
 
     def after_step(self) -> None:
