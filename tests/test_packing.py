@@ -155,6 +155,18 @@ def test_trainer_losses_packed_vs_padded(tiny_dir, tmp_path):
     assert runs["on"][1] == runs["off"][1]
 
 
+def test_packing_refuses_attention_without_custom_masks(family_dirs):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(family_dirs["gpt2"])
+    hf.config._attn_implementation = "flash_attention_2"  # what a GPU config may ask for
+    bb = HFBackbone(hf)
+    ex = rows_with_prefix(bb.word_embeddings_VH.shape[0], 0, 2, 0, [2, 3], suffix_slots=())
+    model = PTuningModel(bb, PromptEncoder("mlp", 2, bb.hidden_size), None)
+    with pytest.raises(ConfigError, match="data.packing.*flash_attention_2"):
+        model.logits(collate(ex, 0, pack_to=64))
+
+
 def test_packing_config_errors(tiny_dir):
     with pytest.raises(ConfigError, match="data.packing"):
         from_dict({}, {"data.packing": "sometimes"})

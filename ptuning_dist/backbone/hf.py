@@ -95,10 +95,14 @@ class HFBackbone(nn.Module):
         if position_BS is not None:
             from ptuning_dist.data.packing import packed_attention_mask
 
+            impl = self.model.config._attn_implementation
+            if impl not in ("sdpa", "eager"):  # flash-attention kernels take no custom 4D mask
+                raise ConfigError(f"data.packing: the backbone's attention implementation {impl!r} takes no "
+                                  "packed mask; use --packing off")
             allowed_B1SS = packed_attention_mask(position_BS, segment_BS)
-            if self.model.config._attn_implementation == "sdpa":
+            if impl == "sdpa":
                 attention_mask_BS = allowed_B1SS  # boolean, True = attend
-            else:  # eager and the rest add the mask to the scores
+            else:  # eager adds the mask to the scores
                 blocked = torch.tensor(torch.finfo(embeds_BSH.dtype).min, dtype=embeds_BSH.dtype, device=embeds_BSH.device)
                 attention_mask_BS = torch.where(allowed_B1SS, torch.zeros_like(blocked), blocked)
             position_ids = position_BS
