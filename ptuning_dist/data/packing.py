@@ -73,16 +73,41 @@ def packed_size(examples, capacity: int) -> int:
     return len(bins) * max(P + sum(lengths[b] - P for b in members) for members in bins)
 
 
+def _common_prefix(a, b) -> int:
+    sa, sb = dict(zip(a.prompt_pos, a.prompt_slot)), dict(zip(b.prompt_pos, b.prompt_slot))
+    n, p = min(len(a.ids), len(b.ids)), 0
+    while p < n and a.ids[p] == b.ids[p] and sa.get(p, -1) == sb.get(p, -1):
+        p += 1
+    return p
+
+
 def forward_groups(rows: list, budget: int, capacity: int) -> list[list]:
     """Consecutive rows into groups whose packed size stays within ``budget`` positions (a row
-    longer than the budget gets a group of its own)."""
-    groups, cur = [], []
+    longer than the budget gets a group of its own). Linear in the rows: a group's size is tracked as
+    (sum of lengths) - (rows - 1) x (shared prefix); a group whose bins' padding still takes it over
+    the budget (checked once per group) is halved."""
+    groups, cur, total, P = [], [], 0, 0
     for r in rows:
-        if cur and packed_size(cur + [r], capacity) > budget:
-            groups.append(cur)
-            cur = []
-        cur.append(r)
-    return groups + ([cur] if cur else [])
+        n = len(r.enc.ids)
+        if cur:
+            P2 = min(P, _common_prefix(cur[0].enc, r.enc))
+            if total + n - len(cur) * P2 > budget:
+                groups.append(cur)
+                cur = []
+            else:
+                cur.append(r)
+                total, P = total + n, P2
+                continue
+        cur, total, P = [r], n, n
+    groups += [cur] if cur else []
+    out = []
+    while groups:
+        g = groups.pop(0)
+        if len(g) > 1 and packed_size(g, capacity) > budget:
+            groups[:0] = [g[: len(g) // 2], g[len(g) // 2:]]
+        else:
+            out.append(g)
+    return out
 
 
 def step_forwards(rows_by_rank: list[list], rank: int, micro: int, capacity: int) -> list[list]:
