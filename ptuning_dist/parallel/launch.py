@@ -97,8 +97,8 @@ class HostHeap:
       FSDP2 at DP > 1), else ``off``: without per-layer gathers there is nothing to fragment, and
       pinning the threshold only page-faults every large activation (one process, measured in
       benchmarks/vs_peft.py: steps 1.4x slower on the longer task). Under ZeRO-3 ``trim`` is the
-      middle (benchmarks/vs_peft.py, 2 ranks: 1.4x PEFT's steps/s at ~0.65x its peak memory;
-      ``off`` 1.6x at ~0.85x; ``mmap`` 0.9-1.0x at ~0.5x).
+      middle (benchmarks/vs_peft.py, 2 ranks: 1.3-1.4x PEFT's steps/s at ~0.65x its peak memory;
+      ``off`` 1.6-1.7x at ~0.8x; ``mmap`` 0.9-1.0x at ~0.5x).
     - ``mmap``: pin the mmap threshold at 1 MiB (= ``MALLOC_MMAP_THRESHOLD_=1048576``, which
       glibc only reads at start-up): buffers >= 1 MiB are mmapped and returned on free, and ZeRO-3's
       RSS stays flat (within ~1.2x ZeRO-0's, instead of 2x); every gather page-faults fresh pages
@@ -125,7 +125,7 @@ class HostHeap:
 
     @staticmethod
     def mode_for(device: torch.device, partitioned: bool) -> str:
-        """``PTUNING_HOST_MALLOC`` resolved for this run (``auto`` -> ``mmap`` or ``off``)."""
+        """``PTUNING_HOST_MALLOC`` resolved for this run (``auto`` -> ``trim`` or ``off``)."""
         mode = os.environ.get("PTUNING_HOST_MALLOC", "auto")
         if mode not in ("auto", "trim", "mmap", "off"):
             raise ConfigError(f"PTUNING_HOST_MALLOC={mode!r}: use auto, mmap, trim or off")
