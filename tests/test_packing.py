@@ -91,13 +91,20 @@ def test_step_forwards_fill_the_padded_budget_and_agree_across_ranks():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_forward_groups_stay_within_budget(seed):
-    """Random rows and small bins (so bin padding matters): every group within the budget or a single
-    row, all rows once and in order."""
+    """Random rows and small bins (so bin padding matters): the same groups as the exact rule computed
+    the slow way (a group ends before the first row whose addition takes its packed size over the
+    budget), every group within the budget or a single row, all rows once and in order."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 14, (24,), generator=g).tolist()
     ex = rows_with_prefix(50, 0, int(torch.randint(0, 5, (1,), generator=g)), 0, lengths, seed=seed)
     budget, capacity = int(torch.randint(10, 60, (1,), generator=g)), int(torch.randint(8, 24, (1,), generator=g))
     groups = forward_groups(ex, budget, capacity)
+    exact, cur = [], []
+    for e in ex:
+        if cur and packed_size(cur + [e], capacity) > budget:
+            exact, cur = exact + [cur], []
+        cur.append(e)
+    assert groups == exact + [cur]
     assert [e for grp in groups for e in grp] == ex
     assert all(len(grp) == 1 or packed_size(grp, capacity) <= budget for grp in groups)
     assert len(groups) <= len(ex)

@@ -33,19 +33,19 @@ from __future__ import annotations
 import torch
 
 
+def _common_prefix(a, b) -> int:
+    """Leading positions where rows a and b have the same token (id, and prompt slot or none)."""
+    sa, sb = dict(zip(a.prompt_pos, a.prompt_slot)), dict(zip(b.prompt_pos, b.prompt_slot))
+    n, p = min(len(a.ids), len(b.ids)), 0
+    while p < n and a.ids[p] == b.ids[p] and sa.get(p, -1) == sb.get(p, -1):
+        p += 1
+    return p
+
+
 def shared_prefix_len(encs) -> int:
     """The number of leading positions where every row has the same token (the same id, and the
     same prompt slot or none)."""
-    first = encs[0]
-    first_slots = dict(zip(first.prompt_pos, first.prompt_slot))
-    n = min(len(e.ids) for e in encs)
-    for e in encs[1:]:
-        slots = dict(zip(e.prompt_pos, e.prompt_slot))
-        p = 0
-        while p < n and e.ids[p] == first.ids[p] and slots.get(p, -1) == first_slots.get(p, -1):
-            p += 1
-        n = p
-    return n
+    return min(_common_prefix(encs[0], e) for e in encs)
 
 
 def assign_bins(lengths: list[int], prefix: int, capacity: int) -> list[list[int]]:
@@ -65,49 +65,39 @@ def assign_bins(lengths: list[int], prefix: int, capacity: int) -> list[list[int
     return bins
 
 
+def _plan(encs, capacity: int) -> tuple[int, list[list[int]], int]:
+    """(shared prefix length, bins of row indices, longest bin): the packed layout of these rows."""
+    lengths = [len(e.ids) for e in encs]
+    P = shared_prefix_len(encs)
+    bins = assign_bins(lengths, P, max(capacity, max(lengths)))
+    return P, bins, max(P + sum(lengths[b] - P for b in members) for members in bins)
+
+
 def packed_size(examples, capacity: int) -> int:
     """Positions (bins x longest bin) that ``pack`` would compute for these examples."""
-    lengths = [len(e.enc.ids) for e in examples]
-    P = shared_prefix_len([e.enc for e in examples])
-    bins = assign_bins(lengths, P, max(capacity, max(lengths)))
-    return len(bins) * max(P + sum(lengths[b] - P for b in members) for members in bins)
-
-
-def _common_prefix(a, b) -> int:
-    sa, sb = dict(zip(a.prompt_pos, a.prompt_slot)), dict(zip(b.prompt_pos, b.prompt_slot))
-    n, p = min(len(a.ids), len(b.ids)), 0
-    while p < n and a.ids[p] == b.ids[p] and sa.get(p, -1) == sb.get(p, -1):
-        p += 1
-    return p
+    _, bins, T = _plan([e.enc for e in examples], capacity)
+    return len(bins) * T
 
 
 def forward_groups(rows: list, budget: int, capacity: int) -> list[list]:
     """Consecutive rows into groups whose packed size stays within ``budget`` positions (a row
-    longer than the budget gets a group of its own). Linear in the rows: a group's size is tracked as
-    (sum of lengths) - (rows - 1) x (shared prefix); a group whose bins' padding still takes it over
-    the budget (checked once per group) is halved."""
+    longer than the budget gets a group of its own): a group ends before the first row that would
+    take it over. While a group fits one packed row its size is (sum of lengths) - (rows - 1) x
+    (shared prefix), kept up to date in O(1) per row; only past ``capacity`` (several packed rows,
+    padded to the longest) is the exact ``packed_size`` computed."""
     groups, cur, total, P = [], [], 0, 0
     for r in rows:
         n = len(r.enc.ids)
         if cur:
             P2 = min(P, _common_prefix(cur[0].enc, r.enc))
-            if total + n - len(cur) * P2 > budget:
-                groups.append(cur)
-                cur = []
-            else:
+            size = total + n - len(cur) * P2  # exact for one packed row, a lower bound for several
+            if size <= budget and (size <= capacity or packed_size(cur + [r], capacity) <= budget):
                 cur.append(r)
                 total, P = total + n, P2
                 continue
+            groups.append(cur)
         cur, total, P = [r], n, n
-    groups += [cur] if cur else []
-    out = []
-    while groups:
-        g = groups.pop(0)
-        if len(g) > 1 and packed_size(g, capacity) > budget:
-            groups[:0] = [g[: len(g) // 2], g[len(g) // 2:]]
-        else:
-            out.append(g)
-    return out
+    return groups + ([cur] if cur else [])
 
 
 def step_forwards(rows_by_rank: list[list], rank: int, micro: int, capacity: int) -> list[list]:
@@ -117,8 +107,8 @@ def step_forwards(rows_by_rank: list[list], rank: int, micro: int, capacity: int
     communication. A rank that needs fewer splits its largest groups in half."""
     longest = max(len(e.enc.ids) for rows in rows_by_rank for e in rows)
     budget = micro * longest
-    n = max(len(forward_groups(rows, budget, capacity)) for rows in rows_by_rank)
-    groups = forward_groups(rows_by_rank[rank], budget, capacity)
+    per_rank = [forward_groups(rows, budget, capacity) for rows in rows_by_rank]
+    n, groups = max(map(len, per_rank)), per_rank[rank]
     while len(groups) < n:  # n <= rows per rank, so a group of >= 2 rows exists
         k = max(range(len(groups)), key=lambda i: len(groups[i]))
         g = groups.pop(k)
@@ -133,9 +123,7 @@ def pack(examples, pad_id: int, capacity: int):
 
     encs = [e.enc for e in examples]
     lengths = [len(e.ids) for e in encs]
-    P = shared_prefix_len(encs)
-    bins = assign_bins(lengths, P, max(capacity, max(lengths)))
-    T = max(P + sum(lengths[b] - P for b in members) for members in bins)
+    P, bins, T = _plan(encs, capacity)
     nb = len(bins)
     ids = torch.full((nb, T), pad_id, dtype=torch.long)
     position = torch.zeros((nb, T), dtype=torch.long)
