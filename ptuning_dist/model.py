@@ -4,13 +4,14 @@ One forward per micro-batch::
 
     table_MH   = prompt()                          once per step, fp32 (the encoder or an exported table)
     embeds_BSH = splice(ids, plan, word_emb, table)  prompt rows at prompt positions
-    hidden_BH  = backbone.hidden_at(embeds, mask, target_pos)   packed batches: one prefix, no padding
-    logits_BK  = backbone.head(hidden_BH, candidates)   K = verbalizer / allowed ids, or V
+    hidden_EH  = backbone.hidden_at(embeds, mask, target_pos)   packed batches: one prefix, no padding
+    logits_EK  = backbone.head(hidden_EH, candidates)   K = verbalizer / allowed ids, or V
 
 The loss and evaluation read the SAME logits (the hidden state of the position just before the
 target), so what is trained is what is scored. ``FrozenLM`` (splice + backbone + head) holds every
 frozen parameter and nothing trainable: it is what ``ptuning_dist.parallel`` shards, while the
-prompt encoder stays outside it, replicated. Nothing here knows about parallelism.
+prompt encoder stays outside it, replicated. Nothing here knows about parallelism beyond whether
+this is a first and/or last pipeline stage (the backbone says).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptuning_dist.data.collate import Batch
+from ptuning_dist.data.batch import Batch
 
 
 class FrozenLM(nn.Module):
@@ -32,20 +33,16 @@ class FrozenLM(nn.Module):
         self.register_buffer("candidate_ids_K", candidate_ids_K, persistent=False)
 
     def forward(self, ids_BS, attention_mask_BS, slot_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N,
-                target_pos_B, table_MH, target_row_B=None, position_BS=None, segment_BS=None):
-        """Logits (B x K) on the last pipeline stage; on an earlier one, its [s, b, h] output.
-        ``position_BS``/``segment_BS``: a packed batch (data/packing.py; the HF backbone only)."""
+                target_pos_E, table_MH, target_row_E=None, position_BS=None, segment_BS=None):
+        """Logits (E x K) on the last pipeline stage; on an earlier one, its [s, b, h] output.
+        ``target_row_E``/``position_BS``/``segment_BS``: a packed batch (data/packing.py)."""
         inputs = None  # a later pipeline stage starts from the activations it received
         if self.backbone.is_first_stage:  # the backbone's input layout: [b, s, h] (HF) or [s, b, h] (megatron)
             if self.splice_kind == "fused":
                 inputs = self.backbone.splice(ids_BS, slot_BS, table_MH)
             else:  # the oracle: look up every token, then insert the prompt rows
                 inputs = self.backbone.reference_splice(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH)
-        if position_BS is not None:
-            hidden = self.backbone.hidden_at(inputs, attention_mask_BS, target_pos_B, target_row_B=target_row_B,
-                                             position_BS=position_BS, segment_BS=segment_BS)
-        else:
-            hidden = self.backbone.hidden_at(inputs, attention_mask_BS, target_pos_B)
+        hidden = self.backbone.hidden_at(inputs, attention_mask_BS, target_pos_E, target_row_E, position_BS, segment_BS)
         if not self.backbone.is_last_stage:
             return hidden
         return self.backbone.head(hidden, self.candidate_ids_K)
@@ -71,7 +68,7 @@ class PTuningModel(nn.Module):
         return self.frozen.candidate_ids_K
 
     def logits(self, batch: Batch, table_MH: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (fp32, B x K). Pass ``table_MH`` to reuse one encoder output across the
+        """Logits (fp32, E x K). Pass ``table_MH`` to reuse one encoder output across the
         micro-batches of a step; by default the prompt source is run here."""
         if table_MH is None:
             if self.prompt is None:
@@ -79,8 +76,8 @@ class PTuningModel(nn.Module):
             else:
                 table_MH = self.prompt()
         return self.frozen(batch.ids_BS, batch.attention_mask_BS, batch.slot_BS, batch.prompt_rows_N,
-                           batch.prompt_pos_N, batch.prompt_slots_N, batch.target_pos_B, table_MH,
-                           batch.target_row_B, batch.position_BS, batch.segment_BS)
+                           batch.prompt_pos_N, batch.prompt_slots_N, batch.target_pos_E, table_MH,
+                           batch.target_row_E, batch.position_BS, batch.segment_BS)
 
     def loss(self, batch: Batch, table_MH: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-        return F.cross_entropy(self.logits(batch, table_MH), batch.label_B, reduction=reduction)
+        return F.cross_entropy(self.logits(batch, table_MH), batch.label_E, reduction=reduction)

@@ -1,9 +1,9 @@
-"""A frozen Hugging Face causal LM behind the small interface the P-tuning model needs.
+"""A frozen Hugging Face causal LM behind the backbone protocol (``backbone/base.py``).
 
 - ``word_embeddings_VH``: the frozen input-embedding table the splice reads.
-- ``hidden_at(embeds_BSH, attention_mask_BS, target_pos_B)``: run the transformer body on spliced
-  embeddings (``inputs_embeds``) and return the final hidden state at the target positions only.
-- ``head(hidden_BH, candidate_ids_K)``: the LM head applied to those B rows, restricted to the
+- ``hidden_at(embeds_BSH, attention_mask_BS, target_pos_E, ...)``: run the transformer body on
+  spliced embeddings (``inputs_embeds``) and return the final hidden state at the targets only.
+- ``head(hidden_EH, candidate_ids_K)``: the LM head applied to those E rows, restricted to the
   candidate ids (verbalizer or allowed vocabulary) when given: never the full B x S x V logits.
 
 Tested for the GPT-2, LLaMA and GPT-NeoX families: their ``base_model`` returns the hidden state
@@ -19,15 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ptuning_dist.backbone.base import freeze
+from ptuning_dist.config import Dtype, choices
 from ptuning_dist.errors import CheckpointError, ConfigError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def freeze(module: nn.Module) -> None:
-    """Freeze every parameter; done before anything wraps or shards the backbone."""
-    for p in module.parameters():
-        p.requires_grad_(False)
+DTYPES = {name: getattr(torch, name) for name in choices(Dtype)}
 
 
 class HFBackbone(nn.Module):
@@ -58,16 +54,16 @@ class HFBackbone(nn.Module):
         self.model.eval()  # the frozen backbone never enters training mode
         return self
 
-    def directly_read_parameters(self) -> list[nn.Parameter]:
-        """Weights read as tensors, not through their module's forward (the splice, the
-        candidate-only head): ZeRO-3 must gather them when the frozen module's forward starts."""
+    def external_weights(self) -> list[nn.Parameter]:
+        """Weights read as tensors, not through their module's forward: the word embeddings (the
+        splice) and the head (scored at the targets and candidates only)."""
         head = self.model.get_output_embeddings()
         params = [self.model.get_input_embeddings().weight, head.weight] + ([head.bias] if head.bias is not None else [])
         return list({id(p): p for p in params}.values())
 
     def splice(self, ids_BS, slot_BS, table_MH) -> torch.Tensor:
         """embeds_BSH by the fused op (``ptuning::splice``): every row written once."""
-        from ptuning_dist.ops.splice_op import splice
+        from ptuning_dist.ops.splice import splice
 
         return splice(ids_BS, slot_BS, self.word_embeddings_VH, table_MH)
 
@@ -86,11 +82,14 @@ class HFBackbone(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.word_embeddings_VH.dtype
 
-    def hidden_at(self, embeds_BSH, attention_mask_BS, target_pos_B, target_row_B=None, position_BS=None,
+    def set_input_tensor(self, input_tensor) -> None:
+        raise NotImplementedError("the hf backend is never pipelined (parallel.pp > 1 needs model.backend = megatron)")
+
+    def hidden_at(self, embeds_BSH, attention_mask_BS, target_pos_E, target_row_E=None, position_BS=None,
                   segment_BS=None) -> torch.Tensor:
-        """The final hidden state at each row's target. A packed batch (``position_BS`` and
+        """The final hidden state at each example's target. A packed batch (``position_BS`` and
         ``segment_BS``, see data/packing.py) gets its prefix-sharing mask, built here on the
-        device, and its position ids; ``target_row_B`` then says which packed row holds a target."""
+        device, and its position ids; ``target_row_E`` then says which packed row holds a target."""
         position_ids = None
         if position_BS is not None:
             from ptuning_dist.data.packing import packed_attention_mask
@@ -109,18 +108,18 @@ class HFBackbone(nn.Module):
         out = self.model.base_model(inputs_embeds=embeds_BSH, attention_mask=attention_mask_BS,
                                     position_ids=position_ids, use_cache=False)
         hidden_BSH = out.last_hidden_state
-        if target_row_B is None:
-            target_row_B = torch.arange(hidden_BSH.shape[0], device=hidden_BSH.device)
-        return hidden_BSH[target_row_B, target_pos_B]
+        if target_row_E is None:
+            target_row_E = torch.arange(hidden_BSH.shape[0], device=hidden_BSH.device)
+        return hidden_BSH[target_row_E, target_pos_E]
 
-    def head(self, hidden_BH: torch.Tensor, candidate_ids_K: torch.Tensor | None = None) -> torch.Tensor:
+    def head(self, hidden_EH: torch.Tensor, candidate_ids_K: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (fp32) over the candidates, or over the whole vocabulary when None."""
         lm_head = self.model.get_output_embeddings()
         weight, bias = lm_head.weight, lm_head.bias
         if candidate_ids_K is not None:
             weight = weight[candidate_ids_K]
             bias = bias[candidate_ids_K] if bias is not None else None
-        return nn.functional.linear(hidden_BH, weight, bias).float()
+        return nn.functional.linear(hidden_EH, weight, bias).float()
 
 
 def fingerprint(path: str | Path) -> str:

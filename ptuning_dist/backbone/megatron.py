@@ -1,7 +1,7 @@
-"""A frozen megatron-core GPTModel (local layer spec) behind the same small interface as the HF
-backbone: one pipeline stage of it, TP-sharded, imported from Hugging Face at load time
-(``megatron_import.py``). GPT-2 style (learned positions, GELU-tanh, LayerNorm, fused QKV) and
-LLaMA style (RMSNorm, SwiGLU, RoPE, grouped-query attention).
+"""A frozen megatron-core GPTModel (local layer spec) behind the backbone protocol
+(``backbone/base.py``): one pipeline stage of it, TP-sharded, imported from Hugging Face at load
+time (``megatron_import.py`` and the family files: GPT-2 style, with learned positions, GELU-tanh,
+LayerNorm and fused QKV; LLaMA style, with RMSNorm, SwiGLU, RoPE and grouped-query attention).
 
 A stage holds layers [s L/pp, (s+1) L/pp). ``hidden_at`` runs them: the first stage takes the
 spliced embeddings, later stages the activations megatron's schedule received and handed over
@@ -14,15 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptuning_dist.backbone.megatron_import import (
-    gpt2_to_megatron,
-    llama_to_megatron,
-    megatron_config,
-    padded_vocab,
-    select_stage,
-)
 from ptuning_dist.errors import ConfigError
 from ptuning_dist.ops.splice import insert_prompt_rows
+from ptuning_dist.planning.shape import padded_vocab
 
 
 def _tp_rank() -> int:
@@ -45,55 +39,34 @@ class MegatronBackbone(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model, dtype=torch.float32) -> "MegatronBackbone":
-        """Import a Hugging Face GPT-2 or LLaMA model, sharded for this rank's TP position."""
+        """Import a Hugging Face model of a family with a megatron importer (``backbone/families``),
+        sharded for this rank's TP position and cut to its pipeline stage."""
         from megatron.core import parallel_state as ps
-        from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        from ptuning_dist.parallel import megatron_cpu
+        from ptuning_dist.backbone.megatron_import import build_stage
+        from ptuning_dist.compat import megatron_cpu
 
         megatron_cpu.enable()
-        tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-        pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-        cfg = hf_model.config
-        state = {k: v.to(dtype) for k, v in hf_model.state_dict().items()}
-        if cfg.model_type == "gpt2":
-            spec, tied = get_gpt_layer_local_spec(), True
-            kw = dict(max_sequence_length=cfg.n_positions, position_embedding_type="learned_absolute")
-            shard = gpt2_to_megatron(state, cfg, tp, rank)
-        elif cfg.model_type == "llama":
-            spec, tied = get_gpt_layer_local_spec(normalization="RMSNorm"), bool(cfg.tie_word_embeddings)
-            kw = dict(max_sequence_length=cfg.max_position_embeddings, position_embedding_type="rope",
-                      rotary_base=getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"])
-            shard = llama_to_megatron(state, cfg, tp, rank)
-        else:
-            raise ConfigError(f"no megatron importer for model_type {cfg.model_type!r} (gpt2, llama)")
-        tcfg = megatron_config(cfg, dtype, tp, pp)
-        if tcfg.num_layers % pp:
-            raise ConfigError(f"parallel.pp = {pp} does not divide the {tcfg.num_layers} transformer layers")
-        # Tied at pp = 1: one table serves both ends. At pp > 1 the last stage holds its own copy, loaded
-        # with the real embeddings here (megatron's own tying would zero it, then all-reduce it over the
-        # embedding group from stage 0, with a .cuda() on the way).
-        share = tied and pp == 1
-        gpt = GPTModel(tcfg, spec, vocab_size=padded_vocab(cfg.vocab_size, tp), pre_process=stage == 0,
-                       post_process=stage == pp - 1, share_embeddings_and_output_weights=share, **kw)
-        shard = select_stage(shard, tcfg.num_layers, pp, stage, output_from_embeddings=tied and not share)
-        missing, unexpected = gpt.load_state_dict(shard, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise ConfigError(f"HF -> megatron import (stage {stage}): missing {missing}, unexpected {unexpected}")
-        return cls(gpt, cfg.vocab_size)
+        gpt = build_stage(hf_model, dtype, ps.get_tensor_model_parallel_world_size(),
+                          ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
+                          ps.get_pipeline_model_parallel_rank())
+        return cls(gpt, hf_model.config.vocab_size)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Megatron's schedule hands a later stage its received activations here."""
         self.gpt.set_input_tensor(input_tensor)
 
-    def hidden_at(self, inputs_SBH, attention_mask_BS, target_pos_B) -> torch.Tensor:
+    def hidden_at(self, inputs_SBH, attention_mask_BS, target_pos_E, target_row_E=None, position_BS=None,
+                  segment_BS=None) -> torch.Tensor:
         """This stage's layers. First stage: ``inputs_SBH`` is the decoder input the splice wrote
         (word or prompt rows plus learned positions, [s, b, h]; RoPE is applied inside attention);
         later stages read the received activations (``inputs_SBH`` is None). Last stage: the hidden
-        state at the targets (B x H), else the [s, b, h] activations for the next stage. Right
-        padding lies after every target, so the causal mask alone is exact there."""
+        state at the targets (E x H, one example per row here), else the [s, b, h] activations for
+        the next stage. Right padding lies after every target, so the causal mask alone is exact
+        there. Packed batches are refused (``RunConfig.pack_to`` packs on the hf backend only)."""
+        if position_BS is not None or segment_BS is not None:
+            raise ConfigError("data.packing: the megatron backend takes no packed batch (its attention gets no "
+                              "packed mask yet); use --packing off or auto")
         B, S = attention_mask_BS.shape
         device = attention_mask_BS.device
         rope = self.gpt.rotary_pos_emb(S) if self.gpt.position_embedding_type == "rope" else None
@@ -102,14 +75,14 @@ class MegatronBackbone(nn.Module):
                                       attention_mask=causal, rotary_pos_emb=rope)
         if not self.is_last_stage:
             return hidden_SBH
-        return hidden_SBH[target_pos_B, torch.arange(B, device=device)]
+        return hidden_SBH[target_pos_E, torch.arange(B, device=device)]
 
-    def directly_read_parameters(self) -> list[nn.Parameter]:
+    def external_weights(self) -> list[nn.Parameter]:
         """Weights read as tensors, not through their module's forward (the vocabulary-parallel
         lookup, learned positions, the candidate-only head) or used outside it (the biases that
-        megatron's linear layers return with ``skip_bias_add`` for a fused add in the layer):
-        ZeRO-3 gathers them when the frozen module's forward starts. Left to itself, ZeRO-3 takes
-        a returned bias for a "dangling" parameter and never partitions it again."""
+        megatron's linear layers return with ``skip_bias_add``, added by the layer that called
+        them). A per-module gatherer that missed a returned bias would take it for a "dangling"
+        parameter and never partition it again (seen with ZeRO-3)."""
         params = [m.bias for m in self.gpt.modules()
                   if getattr(m, "skip_bias_add", False) and isinstance(getattr(m, "bias", None), nn.Parameter)]
         if self.is_first_stage:
@@ -165,7 +138,7 @@ class MegatronBackbone(nn.Module):
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
-        from ptuning_dist.ops.splice_op import splice
+        from ptuning_dist.ops.splice import splice
 
         start, _ = self._vocab_range()
         owner = _tp_rank() == 0
@@ -175,7 +148,7 @@ class MegatronBackbone(nn.Module):
             inputs_SBH = reduce_from_tensor_model_parallel_region(inputs_SBH)
         return inputs_SBH
 
-    def head(self, hidden_BH: torch.Tensor, candidate_ids_K: torch.Tensor | None = None) -> torch.Tensor:
+    def head(self, hidden_EH: torch.Tensor, candidate_ids_K: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (fp32) over the candidates (each TP rank scores those in its shard, then a sum
         whose backward is the identity), or over the whole real vocabulary (gathered shards)."""
         from megatron.core import parallel_state as ps
@@ -188,22 +161,22 @@ class MegatronBackbone(nn.Module):
         weight = self._head_weight()
         # Each rank's shard gives only part of d(loss)/d(hidden): sum it over TP in the backward
         # (identity forward), as megatron's own vocabulary-parallel output layer does.
-        hidden_BH = copy_to_tensor_model_parallel_region(hidden_BH)
-        if candidate_ids_K is None:  # B x V: only B rows, so gathering the shards is cheap
-            shard_BV = F.linear(hidden_BH, weight)
+        hidden_EH = copy_to_tensor_model_parallel_region(hidden_EH)
+        if candidate_ids_K is None:  # E x V: only E rows, so gathering the shards is cheap
+            shard_EV = F.linear(hidden_EH, weight)
             if ps.get_tensor_model_parallel_world_size() > 1:
-                shard_BV = torch.cat(all_gather(shard_BV, group=ps.get_tensor_model_parallel_group()), dim=-1)
-            return shard_BV[:, : self.vocab_size].float()
+                shard_EV = torch.cat(all_gather(shard_EV, group=ps.get_tensor_model_parallel_group()), dim=-1)
+            return shard_EV[:, : self.vocab_size].float()
         start, end = self._vocab_range()
         local = (candidate_ids_K >= start) & (candidate_ids_K < end)
         rows = weight[(candidate_ids_K - start).clamp(0, end - start - 1)] * local.unsqueeze(-1)
-        return reduce_from_tensor_model_parallel_region(F.linear(hidden_BH, rows)).float()
+        return reduce_from_tensor_model_parallel_region(F.linear(hidden_EH, rows)).float()
 
     def _head_weight(self) -> torch.Tensor:
         if self.gpt.share_embeddings_and_output_weights:
             return self.gpt.embedding.word_embeddings.weight
         return self.gpt.output_layer.weight
 
-    def head_shard(self, hidden_BH: torch.Tensor) -> torch.Tensor:
+    def head_shard(self, hidden_EH: torch.Tensor) -> torch.Tensor:
         """This TP rank's slice of the vocabulary logits (tied or own vocabulary-parallel table)."""
-        return F.linear(hidden_BH, self._head_weight()).float()
+        return F.linear(hidden_EH, self._head_weight()).float()

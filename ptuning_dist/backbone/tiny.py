@@ -35,22 +35,14 @@ def words_of(texts) -> list[str]:
 
 
 def build_tiny(out_dir: str | Path, family: str, tokenizer, seed: int = 0, **overrides) -> Path:
-    """Build a tiny ``family`` model ('gpt2', 'llama', 'gpt_neox') with random weights for
-    ``tokenizer``'s vocabulary, and save both with ``save_pretrained`` into ``out_dir``."""
-    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+    """Build a tiny model of ``family`` (a ``model_type`` of ``backbone/families``) with random
+    weights for ``tokenizer``'s vocabulary, and save both with ``save_pretrained`` into ``out_dir``."""
+    from transformers import AutoModelForCausalLM
 
-    V = len(tokenizer)
-    common = dict(vocab_size=V, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    if family == "gpt2":
-        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
-    elif family == "llama":
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=512, **common)
-    elif family == "gpt_neox":
-        cfg = GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            max_position_embeddings=512, tie_word_embeddings=False, **common)
-    else:
-        raise ValueError(f"unknown family {family!r}")
+    from ptuning_dist.backbone.families import family as family_of
+
+    cfg = family_of(family).tiny_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)

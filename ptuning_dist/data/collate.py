@@ -6,12 +6,14 @@ Everything here runs on the CPU in the data loader, so the training step gets th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ptuning_dist.data.batch import Batch
+from ptuning_dist.data.packing import pack
 from ptuning_dist.data.tasks import Row, Task
 from ptuning_dist.errors import DataError, TemplateError
 from ptuning_dist.prompt.template import Encoded, Template
@@ -125,34 +127,11 @@ class SampleStream:
         return out
 
 
-@dataclass
-class Batch:
-    ids_BS: torch.Tensor
-    attention_mask_BS: torch.Tensor
-    prompt_rows_N: torch.Tensor  # the prompt plan: row, position and slot of every prompt token
-    prompt_pos_N: torch.Tensor
-    prompt_slots_N: torch.Tensor
-    slot_BS: torch.Tensor  # the same plan as a map: the prompt slot at each position, -1 elsewhere (int32)
-    target_pos_B: torch.Tensor  # position whose hidden state predicts the target
-    label_B: torch.Tensor  # index into the candidates
-    n_tokens: int  # real (non-pad) tokens, a host int: tokens/s without a device sync
-    groups: list[str] = field(default_factory=list)
-    target_row_B: torch.Tensor | None = None  # the row holding each target (packed batches; else row b)
-    position_BS: torch.Tensor | None = None  # packed batches only (data/packing.py): position ids
-    segment_BS: torch.Tensor | None = None  # and segments (0: the shared prefix, k >= 1: a row, -1: pad)
-
-    def to(self, device) -> "Batch":
-        moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in vars(self).items()}
-        return Batch(**moved)
-
-
 def collate(examples: list[Example], pad_id: int, seq_len: int | None = None, pack_to: int | None = None) -> Batch:
     """Right-pad to the longest row of this batch (dynamic padding), or to ``seq_len`` (a
     pipeline's micro-batches share one activation shape per step), and flatten the plan.
     ``pack_to``: pack instead, in rows of at most that many positions (``data/packing.py``)."""
     if pack_to is not None:
-        from ptuning_dist.data.packing import pack
-
         assert seq_len is None, "a packed batch has no fixed sequence length"
         return pack(examples, pad_id, pack_to)
     S = max(len(e.enc.ids) for e in examples)
@@ -180,9 +159,9 @@ def collate(examples: list[Example], pad_id: int, seq_len: int | None = None, pa
         prompt_pos_N=t(pos),
         prompt_slots_N=t(slots),
         slot_BS=slot_map,
-        target_pos_B=t([e.enc.target_pos for e in examples]),
-        label_B=t([e.label for e in examples]),
+        target_pos_E=t([e.enc.target_pos for e in examples]),
+        label_E=t([e.label for e in examples]),
         n_tokens=int(mask.sum()),
         groups=[e.group for e in examples],
-        target_row_B=torch.arange(B),
+        target_row_E=torch.arange(B),
     )

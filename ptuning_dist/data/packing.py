@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from ptuning_dist.data.batch import Batch
+
 
 def _common_prefix(a, b) -> int:
     """Leading positions where rows a and b have the same token (id, and prompt slot or none)."""
@@ -118,9 +120,7 @@ def step_forwards(rows_by_rank: list[list], rank: int, micro: int, capacity: int
 
 def pack(examples, pad_id: int, capacity: int):
     """A packed ``Batch`` (B' bins x T positions) of these examples; labels, targets and groups stay
-    in the examples' order (``target_row_B``/``target_pos_B`` say where each row's target is)."""
-    from ptuning_dist.data.collate import Batch
-
+    in the examples' order (``target_row_E``/``target_pos_E`` say where each row's target is)."""
     encs = [e.enc for e in examples]
     lengths = [len(e.ids) for e in encs]
     P, bins, T = _plan(encs, capacity)
@@ -161,11 +161,11 @@ def pack(examples, pad_id: int, capacity: int):
         prompt_pos_N=t(pos),
         prompt_slots_N=t(slots),
         slot_BS=slot_map,
-        target_pos_B=t(target_pos),
-        label_B=t([e.label for e in examples]),
+        target_pos_E=t(target_pos),
+        label_E=t([e.label for e in examples]),
         n_tokens=sum(lengths),  # the rows' tokens, as unpacked: tokens/s stays comparable across layouts
         groups=[e.group for e in examples],
-        target_row_B=t(target_row),
+        target_row_E=t(target_row),
         position_BS=position,
         segment_BS=segment,
     )

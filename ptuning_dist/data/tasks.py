@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ptuning_dist.config import TaskName, choices
 from ptuning_dist.errors import DataError
 
 BUNDLED_LAMA = Path(__file__).parent / "bundled" / "lama_tiny"
@@ -187,6 +188,7 @@ class WicTask(SuperGlueTask):
 
 
 TASKS = {t.name: t for t in (DefaultTask, LamaTask, RteTask, CbTask, BoolqTask, WicTask)}
+assert tuple(TASKS) == choices(TaskName), "config.TaskName and TASKS must list the same tasks"
 
 
 def build_task(name: str, data_dir=None, relations=None) -> Task:

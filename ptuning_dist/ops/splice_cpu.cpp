@@ -1,4 +1,4 @@
-// CPU kernels of ptuning::splice (see splice_op.py): one memcpy / memset / cast per position row,
+// CPU kernels of ptuning::splice (see splice.py): one memcpy / memset / cast per position row,
 // parallel over positions; the table gradient is parallel over columns and sums positions in
 // increasing b * S + s order, so its bits do not depend on the thread count or the layout.
 #include <torch/extension.h>
@@ -32,6 +32,7 @@ void check_slots(const slot_t* slot, int64_t P, int64_t M) {
 // compact memory for them, which happened within one benchmark run.)
 constexpr size_t kCacheFrom = size_t(4) << 20;  // smaller outputs: torch::empty
 constexpr size_t kKeep = 4;
+bool g_cache_on = true;  // set_output_cache(false): ptuning_dist/debug.py, for measuring the cache
 
 struct OutputCache {
   std::mutex mu;
@@ -59,8 +60,7 @@ torch::Tensor empty_output(at::IntArrayRef sizes, const torch::TensorOptions& op
   int64_t numel = 1;
   for (auto n : sizes) numel *= n;
   const size_t bytes = size_t(numel) * opts.dtype().itemsize();
-  static const bool off = std::getenv("PTUNING_SPLICE_NO_OUTPUT_CACHE") != nullptr;  // for measuring
-  if (bytes < kCacheFrom || off) return torch::empty(sizes, opts);
+  if (bytes < kCacheFrom || !g_cache_on) return torch::empty(sizes, opts);
   // dynamic padding changes the size every step: take the smallest cached buffer that holds this
   // output and wastes at most half of itself; buffers are allocated in 1 MiB steps
   void* buf = nullptr;
@@ -176,7 +176,10 @@ torch::Tensor splice_bwd(torch::Tensor grad, torch::Tensor slot, int64_t M, bool
   return gt;
 }
 
+void set_output_cache(bool on) { g_cache_on = on; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_output_cache", &set_output_cache, "reuse freed large outputs (default on)");
   m.def("splice_fwd", &splice_fwd, "ptuning splice forward (CPU)");
   m.def("splice_bwd", &splice_bwd, "ptuning splice table gradient (CPU)");
 }

@@ -5,19 +5,42 @@ may say ``"auto"`` (or nothing) for them, and if it names a value that contradic
 the run stops before any process group work, naming the key and the file. DeepSpeed here only
 partitions the frozen backbone (no optimizer inside it), so an ``optimizer``/``scheduler``
 section is checked for consistency and then dropped: the encoder's AdamW lives outside.
+
+The one reader of a DeepSpeed JSON: ``read_ds_json`` parses it, ``ds_settings`` interprets what the
+run and the planner both need (ZeRO stage, backbone dtype, parameter offload); ``load_ds_config``
+reconciles it with a run config. Importing this module does not import torch (the planner uses it).
 """
 from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from ptuning_dist.config import RunConfig
 from ptuning_dist.errors import ConfigError
 
 _DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class DsSettings:
+    stage: int  # ZeRO stage 0-3
+    dtype: str  # the backbone dtype the bf16/fp16 sections imply (float32 when neither is on)
+    offload: bool  # zero_optimization.offload_param to cpu or nvme
+
+
+def ds_settings(d: dict, src: str) -> DsSettings:
+    """The JSON's ZeRO stage, dtype and parameter offload, checked (``src`` names the file in errors)."""
+    z = d.get("zero_optimization", {})
+    stage = z.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{src}: zero_optimization.stage = {stage!r}, must be 0, 1, 2 or 3")
+    on = [k for k in ("bf16", "fp16") if d.get(k, {}).get("enabled") is True]
+    if len(on) > 1:
+        raise ConfigError(f"{src}: bf16.enabled and fp16.enabled are both true; pick one")
+    offload = str(z.get("offload_param", {}).get("device", "none")).lower() in ("cpu", "nvme")
+    return DsSettings(stage, _DTYPE_OF[on[0]] if on else "float32", offload)
 
 
 def _fill(d: dict, key: str, value, src: str, field: str) -> None:
@@ -49,7 +72,7 @@ def load_ds_config(path: str | Path, cfg: RunConfig, world_size: int) -> tuple[d
     path = Path(path)
     d = copy.deepcopy(read_ds_json(path))
     src = f"--ds_config {path}"
-    dp, accum = cfg.check_layout(world_size)
+    dp, accum = cfg.layout(world_size)
     t = cfg.train
     _fill(d, "train_micro_batch_size_per_gpu", t.micro_batch_size, src, "train.micro_batch_size")
     _fill(d, "gradient_accumulation_steps", accum, src, f"global/(micro x dp={dp})")
@@ -58,16 +81,15 @@ def load_ds_config(path: str | Path, cfg: RunConfig, world_size: int) -> tuple[d
     if d["train_batch_size"] != d["train_micro_batch_size_per_gpu"] * d["gradient_accumulation_steps"] * dp:
         raise ConfigError(f"{src}: train_batch_size != micro x accumulation x dp ({dp})")
 
-    stage = d.setdefault("zero_optimization", {}).setdefault("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{src}: zero_optimization.stage = {stage!r}, must be 0, 1, 2 or 3")
-    on = [k for k in ("bf16", "fp16") if d.get(k, {}).get("enabled") is True]
-    if len(on) > 1:
-        raise ConfigError(f"{src}: bf16.enabled and fp16.enabled are both true; pick one")
-    if on == ["fp16"] and not torch.cuda.is_available():
-        raise ConfigError(f"{src}: fp16 needs a GPU (DeepSpeed's CPU accelerator refuses it); "
-                          "use bf16 on CPU (\"bf16\": {\"enabled\": true})")
-    dtype = _DTYPE_OF[on[0]] if on else "float32"
+    settings = ds_settings(d, src)
+    d.setdefault("zero_optimization", {}).setdefault("stage", 0)
+    dtype = settings.dtype
+    if dtype == "float16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{src}: fp16 needs a GPU (DeepSpeed's CPU accelerator refuses it); "
+                              "use bf16 on CPU (\"bf16\": {\"enabled\": true})")
     if cfg.model.dtype not in ("float32", dtype):
         raise ConfigError(f"{src}: implies backbone dtype {dtype}, but model.dtype = {cfg.model.dtype}")
 

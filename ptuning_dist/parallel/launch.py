@@ -22,11 +22,11 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ptuning_dist.compat.deepspeed_shm import unlink_deepspeed_shm
 from ptuning_dist.errors import ConfigError
 
 _MPI_RANK = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
@@ -82,60 +82,6 @@ def env_world() -> tuple[int, int]:
 def quiet_unless_main():
     """Swallow what DeepSpeed prints while it initialises (op builds, banners) on ranks != 0."""
     return contextlib.redirect_stdout(io.StringIO()) if env_world()[0] != 0 else contextlib.nullcontext()
-
-
-class HostHeap:
-    """Keeps glibc's heap from growing without bound under ZeRO-3 on CPU.
-
-    ZeRO-3 gathers and frees multi-MiB parameter buffers every layer. glibc raises its mmap
-    threshold after each such free, so later buffers come from the heap, which fragments and is
-    not returned: measured here (benchmarks/zero_memory.py), a GPT-2-small backbone at DP=2 grew
-    ~150 MiB of RSS per step, to twice ZeRO-0's, with no parameter left gathered.
-    ``PTUNING_HOST_MALLOC`` picks the remedy (CPU runs only; GPU memory has its own allocator):
-
-    - ``auto`` (default): ``trim`` when the frozen weights are partitioned over ranks (ZeRO-3 or
-      FSDP2 at DP > 1), else ``off``: without per-layer gathers there is nothing to fragment, and
-      pinning the threshold only page-faults every large activation (one process, measured in
-      benchmarks/vs_peft.py: steps 1.4x slower on the longer task). Under ZeRO-3 ``trim`` is the
-      middle (benchmarks/vs_peft.py, 2 ranks: 1.3-1.4x PEFT's steps/s at ~0.65x its peak memory;
-      ``off`` 1.6-1.7x at ~0.8x; ``mmap`` 0.9-1.0x at ~0.5x).
-    - ``mmap``: pin the mmap threshold at 1 MiB (= ``MALLOC_MMAP_THRESHOLD_=1048576``, which
-      glibc only reads at start-up): buffers >= 1 MiB are mmapped and returned on free, and ZeRO-3's
-      RSS stays flat (within ~1.2x ZeRO-0's, instead of 2x); every gather page-faults fresh pages
-      (steps 30-60% slower than ``off`` here). The leanest.
-    - ``trim``: ``malloc_trim(0)`` after every step: the heap is returned each step, so it cannot
-      grow across steps, but regrows within one (peak ~1.5x ZeRO-0's in benchmarks/zero_memory.py).
-    - ``off``: glibc's defaults (fastest steps, peak ~2x ZeRO-0's under ZeRO-3 here).
-    """
-
-    def __init__(self, device: torch.device, partitioned: bool = False):
-        self.mode = self.mode_for(device, partitioned)
-        self.libc = None
-        if self.mode != "off":
-            import ctypes
-            import ctypes.util
-
-            try:
-                self.libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                self.libc.malloc_trim  # noqa: B018 - glibc only
-            except (OSError, AttributeError):
-                self.libc, self.mode = None, "off"
-        if self.mode == "mmap":
-            self.libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-
-    @staticmethod
-    def mode_for(device: torch.device, partitioned: bool) -> str:
-        """``PTUNING_HOST_MALLOC`` resolved for this run (``auto`` -> ``trim`` or ``off``)."""
-        mode = os.environ.get("PTUNING_HOST_MALLOC", "auto")
-        if mode not in ("auto", "trim", "mmap", "off"):
-            raise ConfigError(f"PTUNING_HOST_MALLOC={mode!r}: use auto, mmap, trim or off")
-        if mode == "auto":
-            mode = "trim" if partitioned else "off"
-        return mode if device.type == "cpu" else "off"
-
-    def after_step(self) -> None:
-        if self.mode == "trim":
-            self.libc.malloc_trim(0)
 
 
 def free_port() -> int:
@@ -199,32 +145,11 @@ def init_model_parallel(tp: int, pp: int = 1) -> None:
     """megatron-core's process groups (TP x PP x DP) over the existing world."""
     from megatron.core import parallel_state as ps
 
-    from ptuning_dist.parallel import megatron_cpu
+    from ptuning_dist.compat import megatron_cpu
 
     megatron_cpu.enable()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-
-
-def deepspeed_shm_file(rank: int) -> Path:
-    """The /dev/shm file DeepSpeed's CPU comm op creates for ``rank`` (its shm.cpp names it by
-    uid, MASTER_ADDR, MASTER_PORT and rank) when every rank is on one host (LOCAL_SIZE == world)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
-def unlink_deepspeed_shm() -> None:
-    """Remove this rank's DeepSpeed shm buffer from /dev/shm once every rank has mapped it.
-
-    DeepSpeed 0.19.8 never unlinks it: each single-host run on CPU left 66 MiB per rank in
-    /dev/shm (RAM), under a new name per port, until a machine running many short jobs (our tests,
-    the benchmarks) had 18 GB of it and the kernel OOM-killed a run. Each rank maps every rank's
-    buffer inside ``init_distributed``; after a barrier the names can go (the mappings stay valid,
-    POSIX shm lives until the last unmap), so nothing is left even if the run is killed."""
-    if not dist.is_initialized() or os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
-        return
-    dist.barrier()
-    deepspeed_shm_file(dist.get_rank()).unlink(missing_ok=True)
 
 
 def init(need_group: bool, timeout_s: float = 600.0) -> Dist:
@@ -244,14 +169,14 @@ def init(need_group: bool, timeout_s: float = 600.0) -> Dist:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         if not dist.is_initialized():
-            from ptuning_dist.ops.jit import clear_stale_locks
+            from ptuning_dist.compat.build_lock import clear_stale_locks
 
             clear_stale_locks()  # DeepSpeed JIT-builds its CPU comm op here: never wait on a dead build's lock
             port = int(os.environ.get("MASTER_PORT", 29500))
             with quiet_unless_main():
                 deepspeed.init_distributed(auto_mpi_discovery=True, distributed_port=port, verbose=False,
                                            timeout=timedelta(seconds=timeout_s))
-            unlink_deepspeed_shm()
+            unlink_deepspeed_shm()  # compat: DeepSpeed's CPU comm op never removes its /dev/shm buffers
         rank, world = dist.get_rank(), dist.get_world_size()
     if _first(_MPI_LOCAL_RANK) is not None and "SLURM_STEP_NUM_TASKS" not in os.environ:
         # mpirun: the MPI runtime's own local rank (DeepSpeed's discovery guesses it from host names)

@@ -9,12 +9,11 @@ LSTM under ZeRO-3 partitioning is a known failure. So:
   engine: ``deepspeed.initialize`` with no optimizer. At stage 3 every frozen parameter keeps
   about numel/DP elements per rank outside forward and backward; an HF model is partitioned while
   it loads (``HfDeepSpeedConfig`` before ``from_pretrained``), never materialised whole; a megatron
-  stage is imported as this rank's TP/PP shard, then partitioned over its DP group
-  (``zero_megatron.py``: the ``mpu`` adapter and the fixes DeepSpeed needs under megatron's schedule).
-- What the backbone reads directly rather than through its module's forward (the word-embedding
-  table for the splice, the candidate-only head, megatron's returned biases:
-  ``directly_read_parameters()``) is registered as external parameters of ``FrozenLM``: gathered
-  once when its forward starts.
+  stage is imported as this rank's TP/PP shard, then partitioned over its DP group (``MegatronMPU``
+  below; ``compat/deepspeed_megatron.py``: the fixes DeepSpeed needs under megatron's schedule).
+- What the backbone uses outside its modules' forwards (the word-embedding table for the splice,
+  the candidate-only head, megatron's returned biases: ``backbone.external_weights()``) is
+  registered as external parameters of ``FrozenLM``: gathered once when its forward starts.
 - Those same weights are gathered ONCE per step (``held_for_step``): the splice reads the table
   in every micro-batch's forward (and at PP > 1 in each of the schedule's forwards), and ZeRO-3
   would otherwise all-gather it again each time. Holding them costs what the memory model
@@ -22,7 +21,12 @@ LSTM under ZeRO-3 partitioning is a known failure. So:
 - The forward calls ``FrozenLM`` itself (``engine.module``), never ``engine(...)``, whose
   backward bookkeeping refuses a plain ``loss.backward()``.
 - The encoder and its torch AdamW live outside; its gradient is averaged over the data-parallel
-  group by the trainer (see ``ptuning_dist.train.loop``).
+  group by the trainer (see ``ptuning_dist.train.recipe``).
+
+``MegatronMPU`` is megatron's ``parallel_state`` under the names DeepSpeed asks an ``mpu`` for.
+Without it DeepSpeed partitions over the whole world, so ranks holding DIFFERENT TP shards would
+gather each other's pieces into one tensor: a silent wrong answer. With it each TP/PP shard is
+partitioned among its DP peers only.
 """
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ import logging
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.distributed as dist
 
+from ptuning_dist.errors import upstream
 from ptuning_dist.model import PTuningModel
 from ptuning_dist.parallel.launch import quiet_unless_main
 
@@ -46,7 +52,7 @@ def hf_zero3_context(ds_cfg: dict):
 def shard_frozen(model: PTuningModel, ds_cfg: dict, megatron: bool = False):
     """Wrap ``model.frozen`` in a partition-only DeepSpeed engine; returns the engine. With a
     megatron backbone (this rank's TP/PP shard) the partitioning is over megatron's DP group
-    (``zero_megatron``: the ``mpu`` adapter and the fixes for its pipeline schedule)."""
+    (``MegatronMPU``, and ``compat.deepspeed_megatron``'s fixes for its pipeline schedule)."""
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -54,18 +60,18 @@ def shard_frozen(model: PTuningModel, ds_cfg: dict, megatron: bool = False):
     assert not any(p.requires_grad for p in frozen.parameters()), "FrozenLM must hold no trainable parameter"
     mpu = None
     if megatron:
-        from ptuning_dist.parallel import zero_megatron
+        from ptuning_dist.compat import deepspeed_megatron
 
-        zero_megatron.check_version()
-        mpu = zero_megatron.MegatronMPU()
-        zero_megatron.trace_check_over(mpu.get_data_parallel_group())
+        deepspeed_megatron.check_version()
+        mpu = MegatronMPU()
+        deepspeed_megatron.trace_check_over(mpu.get_data_parallel_group())
     with quiet_unless_main():
         engine, *_ = deepspeed.initialize(model=frozen, config=ds_cfg, mpu=mpu)
     if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
-        for p in frozen.backbone.directly_read_parameters():
+        for p in frozen.backbone.external_weights():
             deepspeed.zero.register_external_parameter(frozen, p)
         if megatron:
-            zero_megatron.apply(engine, frozen)
+            deepspeed_megatron.apply(engine, frozen)
         dp = engine.dp_world_size
         wrong = [(n, full, local) for n, full, local in partition_sizes(frozen) if local != -(-full // dp)]
         if wrong:  # once at start-up: a backbone left whole would silently cost DP x the memory
@@ -86,9 +92,11 @@ def held_for_step(engine, params: list):
     release them at the end of FrozenLM's forward (it does not look at that context), but it
     frees a parameter only when no submodule holds it (``ds_active_sub_modules`` empty), so the
     context holds them under an id no module has. Relies on DeepSpeed internals (pinned 0.19.8);
-    the gather count per step is tested (``tests/test_distributed.py``)."""
-    if engine is None or not params or not hasattr(params[0], "ds_active_sub_modules"):
+    the gather count per step is tested (``tests/dist/test_distributed.py``)."""
+    if engine is None or not params:
         return nullcontext()
+    upstream(all(hasattr(p, "ds_active_sub_modules") for p in params),
+             "DeepSpeed's ZeRO-3 parameters have no ds_active_sub_modules (the step's gather-and-hold needs it)")
     return _held(params)
 
 
@@ -120,3 +128,50 @@ def partition_sizes(module: torch.nn.Module) -> list[tuple[str, int, int]]:
             local = p.numel()
         out.append((name, full, local))
     return out
+
+
+class MegatronMPU:
+    """megatron-core's process groups as DeepSpeed's ``mpu`` ("model parallel" = tensor parallel,
+    as Megatron-DeepSpeed defines it)."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self.ps.get_data_parallel_group())
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_src_rank()
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ps.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.ps.get_pipeline_model_parallel_world_size()

@@ -9,15 +9,24 @@ The output depends on nothing but the parameters, so it is computed ONCE per ste
 to every row by the splice; it stays in fp32 whatever dtype the backbone runs in. After training
 the encoder is dropped: ``export_table()`` gives the m x h table that serves inference through
 ``PromptTable``.
+
+The kinds are ``config.EncoderKind``; a kind is its layers after the slot embedding (``LAYERS``).
+Parameter counts come from the module itself (``num_params``: built on the meta device), for the
+trainer's trainable-parameter check and the planner alike.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
+from ptuning_dist.config import EncoderKind, choices
 from ptuning_dist.errors import ConfigError
 
-ENCODERS = ("lstm", "mlp", "embedding")
+ENCODERS = choices(EncoderKind)
+LAYERS = {"lstm": ("lstm", "mlp"), "mlp": ("mlp",), "embedding": ()}  # after the embedding of the slots
+assert tuple(LAYERS) == ENCODERS, "every config.EncoderKind needs its layers here"
 
 
 class PromptEncoder(nn.Module):
@@ -35,7 +44,7 @@ class PromptEncoder(nn.Module):
         self.embedding = nn.Embedding(n_prompt, hidden)
         self.lstm = None
         self.mlp = None
-        if kind == "lstm":
+        if "lstm" in LAYERS[kind]:
             self.lstm = nn.LSTM(
                 input_size=hidden,
                 hidden_size=hidden // 2,
@@ -44,7 +53,7 @@ class PromptEncoder(nn.Module):
                 bidirectional=True,
                 batch_first=True,
             )
-        if kind in ("lstm", "mlp"):
+        if "mlp" in LAYERS[kind]:
             self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
         self.float()
 
@@ -65,18 +74,13 @@ class PromptEncoder(nn.Module):
         self.train(was_training)
         return table_MH
 
-    @staticmethod
-    def expected_num_params(kind: str, n_prompt: int, hidden: int) -> int:
-        """Parameter count by the paper's formula (used by tests and the trainable-count check)."""
-        h, half = hidden, hidden // 2
-        total = n_prompt * h
-        if kind == "lstm":
-            # per layer and direction: W_ih (4*half x in), W_hh (4*half x half), two biases 4*half
-            per_dir = lambda inp: 4 * half * inp + 4 * half * half + 2 * 4 * half  # noqa: E731
-            total += 2 * per_dir(h) + 2 * per_dir(2 * half)
-        if kind in ("lstm", "mlp"):
-            total += 2 * (h * h + h)
-        return total
+
+@functools.cache
+def num_params(kind: str, n_prompt: int, hidden: int) -> int:
+    """Parameters of a ``kind`` encoder of ``n_prompt`` slots and width ``hidden``, counted on a
+    meta-device instance (no memory, milliseconds even at 530B's width)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in PromptEncoder(kind, n_prompt, hidden).parameters())
 
 
 class PromptTable(nn.Module):

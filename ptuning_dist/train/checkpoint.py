@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ptuning_dist.errors import CheckpointError
-from ptuning_dist.train.faults import maybe_fail
+from ptuning_dist.debug import maybe_fail
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 

@@ -1,14 +1,11 @@
-"""DeepSpeed ZeRO-3 partitioning of a megatron stage within its data-parallel group: the ``mpu``
-adapter and the fixes DeepSpeed 0.19.8 needs under megatron's 1F1B schedule, in one place.
+"""The fixes DeepSpeed 0.19.8's ZeRO-3 needs to partition a megatron stage under megatron's 1F1B
+schedule, in one place.
 
 DeepSpeed's own PipelineEngine refuses ZeRO-2/3. A frozen backbone has no gradients to reduce, so
-only its *parameters* are partitioned: a partition-only engine per stage (``zero.py``), megatron's
-schedule calling the stage module itself. What that needs:
+only its *parameters* are partitioned: a partition-only engine per stage (``parallel/zero.py``, with
+its ``MegatronMPU`` adapter), megatron's schedule calling the stage module itself. What DeepSpeed
+then gets wrong, and the fix for each:
 
-- ``MegatronMPU``: megatron's ``parallel_state`` under the names DeepSpeed asks an ``mpu`` for.
-  Without it DeepSpeed partitions over the whole world, so ranks holding DIFFERENT TP shards would
-  gather each other's pieces into one tensor: a silent wrong answer. With it each TP/PP shard is
-  partitioned among its DP peers only.
 - Fix 1, trace check over the DP group. At the first steps ZeRO-3 checks that every rank recorded
   the same module order, by broadcasting from global rank 0 over the whole world. Pipeline stages
   hold different modules and reach that point at different times: stage 0 waited in the broadcast
@@ -28,81 +25,32 @@ schedule calling the stage module itself. What that needs:
   region's backward is complete when megatron's ``CheckpointFunction.backward`` returns, so what
   it gathered is released right there.
 
-``PTUNING_ZERO_UNPATCHED=trace_check,backward_count,recompute_release`` leaves the named fixes
-out: the regression tests use it to show that upstream still needs each one.
+``PTUNING_ZERO_UNPATCHED=trace_check,backward_count,recompute_release`` (``ptuning_dist/debug.py``)
+leaves the named fixes out: the regression tests use it to show that upstream still needs each one.
 
 Each fix checks that the upstream code it changes is the one it was written against
-(``PINNED``); ``tests/test_zero_megatron.py`` fails if DeepSpeed changes underneath.
+(``PINNED``) and raises an ``UpstreamError`` otherwise; ``tests/dist/test_zero_megatron.py`` fails if
+DeepSpeed changes underneath.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.distributed as dist
 
+from ptuning_dist.debug import ZERO_FIXES as FIXES  # noqa: F401 - the fixes' names, for the tests
+from ptuning_dist.debug import zero_fix_enabled as enabled
+from ptuning_dist.errors import UpstreamError, upstream
+
 PINNED = "0.19.8"
-FIXES = ("trace_check", "backward_count", "recompute_release")
-
-
-def enabled(fix: str) -> bool:
-    assert fix in FIXES, fix
-    return fix not in os.environ.get("PTUNING_ZERO_UNPATCHED", "").split(",")
-
-
-class MegatronMPU:
-    """megatron-core's process groups as DeepSpeed's ``mpu`` ("model parallel" = tensor parallel,
-    as Megatron-DeepSpeed defines it)."""
-
-    def __init__(self):
-        from megatron.core import parallel_state as ps
-
-        self.ps = ps
-
-    def get_data_parallel_group(self):
-        return self.ps.get_data_parallel_group()
-
-    def get_data_parallel_rank(self) -> int:
-        return self.ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.ps.get_data_parallel_world_size()
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(self.ps.get_data_parallel_group())
-
-    def get_model_parallel_group(self):
-        return self.ps.get_tensor_model_parallel_group()
-
-    def get_model_parallel_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_rank()
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.ps.get_tensor_model_parallel_world_size()
-
-    get_tensor_model_parallel_group = get_model_parallel_group
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.ps.get_tensor_model_parallel_src_rank()
-
-    def get_pipeline_model_parallel_group(self):
-        return self.ps.get_pipeline_model_parallel_group()
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.ps.get_pipeline_model_parallel_rank()
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.ps.get_pipeline_model_parallel_world_size()
 
 
 def check_version() -> None:
     import deepspeed
 
     if deepspeed.__version__ != PINNED:
-        raise RuntimeError(f"ptuning_dist.parallel.zero_megatron was written against DeepSpeed {PINNED}, found "
-                           f"{deepspeed.__version__}: re-check its fixes (tests/test_zero_megatron.py) and re-pin")
+        raise UpstreamError(f"ptuning_dist.compat.deepspeed_megatron was written against DeepSpeed {PINNED}, found "
+                            f"{deepspeed.__version__}: re-check its fixes (tests/dist/test_zero_megatron.py) and "
+                            "re-pin")
 
 
 def apply(engine, frozen: torch.nn.Module) -> None:
@@ -122,9 +70,9 @@ def trace_check_over(group) -> None:
     from deepspeed.runtime.zero import partitioned_param_coordinator as coord
     from deepspeed.runtime.zero import utils
 
-    assert coord.assert_ints_same_as_other_ranks in (utils.assert_ints_same_as_other_ranks,
-                                                      getattr(coord, "_ptuning_patched", None)), \
-        "DeepSpeed changed its trace check"
+    upstream(coord.assert_ints_same_as_other_ranks in (utils.assert_ints_same_as_other_ranks,
+                                                        getattr(coord, "_ptuning_patched", None)),
+             "DeepSpeed's ZeRO-3 trace check is no longer utils.assert_ints_same_as_other_ranks")
 
     def assert_ints_same_in_group(ints: list[int]) -> None:
         lists = [None] * dist.get_world_size(group)
@@ -147,7 +95,8 @@ def count_backwards_per_forward(module: torch.nn.Module) -> int:
             inner = getattr(hook, "__wrapped__", hook)
             if getattr(inner, "__name__", "") != _RESETTING_HOOK:
                 continue
-            assert "_register_deepspeed_module" in inner.__qualname__, f"unexpected hook {inner.__qualname__}"
+            upstream("_register_deepspeed_module" in inner.__qualname__,
+                     f"DeepSpeed's ZeRO-3 forward pre-hook {inner.__qualname__} is not the one the fix wraps")
 
             def counting(mod, inputs, _reset_and_count=hook):
                 pending = getattr(mod, "ds_grads_remaining", 0)

@@ -3,11 +3,12 @@
 Why: choosing a layout for a 20B or 530B backbone must not need the machines to try it. This
 module says, for every rank (pp_stage, tp_rank, dp_rank), which frozen parameters it holds and how
 many of their elements (the megatron backbone's exact layout, checked name by name against
-``ptuning_dist.parallel.zero.partition_sizes`` of real runs in tests/test_memory_model.py), what the
+``ptuning_dist.parallel.zero.partition_sizes`` of real runs in the dist tests), what the
 replicated prompt encoder and its AdamW cost, and an activation estimate. It is pure arithmetic:
 no torch.distributed, no megatron import, so a dry-run planner can call it for 1000s of layouts.
+A family's layer is described by its ``LayerStyle`` (``planning/shape.py``), not by code here.
 
-The layout (the contract with ``ptuning_dist.backbone.megatron_import``):
+The layout (the contract with ``ptuning_dist.backbone.megatron_import`` and the family files):
 - stage s of pp holds transformer layers [s L/pp, (s+1) L/pp), named ``decoder.layers.{local i}``;
 - column-parallel weights (qkv, fc1) split rows over TP, row-parallel ones (proj, fc2) columns,
   norms and row-parallel biases are replicated; the vocabulary is padded to a multiple of TP;
@@ -21,66 +22,21 @@ rank = tp_rank + tp * (dp_rank + dp * pp_stage).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from math import prod
-from pathlib import Path
-from typing import Mapping
 
-from ptuning_dist.prompt.encoder import PromptEncoder
+from ptuning_dist.planning.layout import check_model
+from ptuning_dist.planning.shape import ModelShape
 
 PARTITIONINGS = ("none", "zero3", "fsdp2")
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the memory model needs of a GPT-2 or LLaMA config (megatron's view of it)."""
+def encoder_params(kind: str, n_prompt: int, hidden: int) -> int:
+    """The prompt encoder's parameter count, from the module itself (built on the meta device;
+    imports torch on first use)."""
+    from ptuning_dist.prompt.encoder import num_params
 
-    family: str  # 'gpt2' | 'llama'
-    layers: int
-    hidden: int
-    heads: int
-    kv_groups: int
-    ffn: int
-    vocab: int
-    max_positions: int
-    tied_embeddings: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads  # megatron's kv_channels default, as the importer assumes
-
-    @classmethod
-    def from_hf_config(cls, cfg: Mapping | str | Path) -> "ModelShape":
-        """From config.json's contents (a mapping) or a model directory / config.json path."""
-        if not isinstance(cfg, Mapping):
-            path = Path(cfg)
-            cfg = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-        kind = cfg.get("model_type")
-        if kind == "gpt2":  # the importer always ties GPT-2's head to the word embeddings
-            h = cfg["n_embd"]
-            return cls("gpt2", cfg["n_layer"], h, cfg["n_head"], cfg["n_head"], cfg.get("n_inner") or 4 * h,
-                       cfg["vocab_size"], cfg["n_positions"], True)
-        if kind == "llama":
-            heads = cfg["num_attention_heads"]
-            return cls("llama", cfg["num_hidden_layers"], cfg["hidden_size"], heads,
-                       cfg.get("num_key_value_heads") or heads, cfg["intermediate_size"], cfg["vocab_size"],
-                       cfg["max_position_embeddings"], bool(cfg.get("tie_word_embeddings", False)))
-        raise ValueError(f"no memory model for model_type {kind!r} (gpt2, llama)")
-
-    def hf_num_params(self) -> int:
-        """The Hugging Face model's parameter count (tied tables counted once)."""
-        return _full_depth_numel(self, tp=1)
-
-    def padded_vocab(self, tp: int) -> int:
-        return -(-self.vocab // tp) * tp
-
-    def check(self, tp: int, pp: int) -> None:
-        """The divisibility the megatron backbone needs (raises ValueError)."""
-        for what, n, by in (("attention heads", self.heads, tp), ("key/value groups", self.kv_groups, tp),
-                            ("ffn width", self.ffn, tp), ("layers", self.layers, pp)):
-            if n % by:
-                raise ValueError(f"{by} does not divide the {n} {what}")
+    return num_params(kind, n_prompt, hidden)
 
 
 @dataclass(frozen=True)
@@ -119,24 +75,22 @@ class RankMemory:
 
 def _layer_params(m: ModelShape, tp: int) -> list[tuple[str, tuple[int, ...], bool]]:
     """One transformer layer's (name, TP-shard shape, tp_split) in megatron's registration order."""
-    h, f, hd = m.hidden, m.ffn // tp, m.head_dim
+    h, f, hd, st = m.hidden, m.ffn // tp, m.head_dim, m.style
     qkv_rows_tp = (m.heads + 2 * m.kv_groups) * hd // tp
-    proj_in_tp = m.heads * hd // tp
-    if m.family == "gpt2":
-        return [("input_layernorm.weight", (h,), False), ("input_layernorm.bias", (h,), False),
-                ("self_attention.linear_proj.weight", (h, proj_in_tp), True),
-                ("self_attention.linear_proj.bias", (h,), False),
-                ("self_attention.linear_qkv.weight", (qkv_rows_tp, h), True),
-                ("self_attention.linear_qkv.bias", (qkv_rows_tp,), True),
-                ("pre_mlp_layernorm.weight", (h,), False), ("pre_mlp_layernorm.bias", (h,), False),
-                ("mlp.linear_fc1.weight", (f, h), True), ("mlp.linear_fc1.bias", (f,), True),
-                ("mlp.linear_fc2.weight", (h, f), True), ("mlp.linear_fc2.bias", (h,), False)]
-    return [("input_layernorm.weight", (h,), False),
-            ("self_attention.linear_proj.weight", (h, proj_in_tp), True),
-            ("self_attention.linear_qkv.weight", (qkv_rows_tp, h), True),
-            ("pre_mlp_layernorm.weight", (h,), False),
-            ("mlp.linear_fc1.weight", (2 * f, h), True),  # [gate; up], each split over TP
-            ("mlp.linear_fc2.weight", (h, f), True)]
+    fc1_rows_tp = 2 * f if st.gated_mlp else f  # [gate; up], each split over TP
+    out = [("input_layernorm.weight", (h,), False)]
+    out += [("input_layernorm.bias", (h,), False)] * st.norm_bias
+    out += [("self_attention.linear_proj.weight", (h, m.heads * hd // tp), True)]
+    out += [("self_attention.linear_proj.bias", (h,), False)] * st.linear_bias
+    out += [("self_attention.linear_qkv.weight", (qkv_rows_tp, h), True)]
+    out += [("self_attention.linear_qkv.bias", (qkv_rows_tp,), True)] * st.linear_bias
+    out += [("pre_mlp_layernorm.weight", (h,), False)]
+    out += [("pre_mlp_layernorm.bias", (h,), False)] * st.norm_bias
+    out += [("mlp.linear_fc1.weight", (fc1_rows_tp, h), True)]
+    out += [("mlp.linear_fc1.bias", (fc1_rows_tp,), True)] * st.linear_bias
+    out += [("mlp.linear_fc2.weight", (h, f), True)]
+    out += [("mlp.linear_fc2.bias", (h,), False)] * st.linear_bias
+    return out
 
 
 def _global_params(m: ModelShape, tp: int, pp: int, stage: int | None = None):
@@ -147,18 +101,18 @@ def _global_params(m: ModelShape, tp: int, pp: int, stage: int | None = None):
     out = []
     if first:
         out.append(("embedding.word_embeddings.weight", (vocab_tp, h), True))
-        if m.family == "gpt2":
+        if m.style.learned_positions:
             out.append(("embedding.position_embeddings.weight", (m.max_positions, h), False))
     if last:
         out.append(("decoder.final_layernorm.weight", (h,), False))
-        if m.family == "gpt2":
+        if m.style.norm_bias:
             out.append(("decoder.final_layernorm.bias", (h,), False))
         if not m.tied_embeddings or (pp > 1 and stage is not None):
             out.append(("output_layer.weight", (vocab_tp, h), True))
     return out
 
 
-def _full_depth_numel(m: ModelShape, tp: int) -> int:
+def full_depth_numel(m: ModelShape, tp: int) -> int:
     """Elements of one TP rank's shard of the whole model (all layers, no pipeline cut)."""
     return (sum(prod(s) for _, s, _ in _layer_params(m, tp)) * m.layers
             + sum(prod(s) for _, s, _ in _global_params(m, tp, 1)))
@@ -187,7 +141,7 @@ def rank_coords(rank: int, tp: int, pp: int, dp: int) -> tuple[int, int, int]:
 def stage_params(m: ModelShape, tp: int, pp: int, dp: int, pp_stage: int, dp_rank: int = 0,
                  partitioning: str = "none") -> list[FrozenParam]:
     """Every frozen parameter of one rank, in the order ``named_parameters()`` lists them."""
-    m.check(tp, pp)
+    check_model(m, tp, pp)
     per_stage = m.layers // pp
     glob = _global_params(m, tp, pp, pp_stage)
     table = [g for g in glob if g[0].startswith("embedding.")]
@@ -215,15 +169,15 @@ def activation_bytes(m: ModelShape, tp: int, pp: int, pp_stage: int, micro_batch
 
     with a = heads/tp, g = kv_groups/tp, d = head_dim, f = ffn/tp: the two norm inputs (2h); q, k,
     v and the copy of q the attention's reshape makes ((2a + 2g)*d; under GQA k and v are expanded
-    to all heads, so this is approximate); the MLP's nonlinearity (k = 1: GELU's input; LLaMA
-    k = 3: fc1's [gate|up] output and SiLU's output); the softmax output (b*a*s*s).
+    to all heads, so this is approximate); the MLP's nonlinearity (k = 1: GELU's input; a gated
+    MLP k = 3: fc1's [gate|up] output and SiLU's output); the softmax output (b*a*s*s).
     Without checkpointing a stage keeps ``saved`` for each of its layers, plus its input (s*b*h),
     plus one layer's gradients (bounded by ``saved``); with checkpointing only the layer inputs
     (s*b*h each) and its input, plus one layer recomputed and its gradients (2 x saved). Under 1F1B,
     stage ``pp_stage`` holds min(pp - pp_stage, micro_batches) micro-batches in flight.
     """
     h, a, g, d, f = m.hidden, m.heads // tp, m.kv_groups // tp, m.head_dim, m.ffn // tp
-    k = 1 if m.family == "gpt2" else 3
+    k = 3 if m.style.gated_mlp else 1
     s, b = seq_len, micro_batch
     saved = s * b * (2 * h + (2 * a + 2 * g) * d + k * f) + b * a * s * s
     layers = m.layers // pp
@@ -261,7 +215,7 @@ def stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_stage: int, dp_ran
     """Predicted memory of the ranks of stage ``pp_stage`` at DP rank ``dp_rank`` (any TP rank): what
     a planner calls once per stage instead of once per rank.
 
-    Encoder (stage 0 only, replicated over TP and DP; fp32): n = ``expected_num_params`` parameters,
+    Encoder (stage 0 only, replicated over TP and DP; fp32): n = ``encoder_params`` parameters,
     12n bytes always alive (parameters and AdamW's two moments) + 8n at the update (gradients and the
     multi-tensor AdamW's sqrt temporary). Gathers ('zero3'/'fsdp2', dp > 1): what the stage holds
     outside its layers (embeddings, final norm, head) gathered for the whole step, plus three layers'
@@ -272,12 +226,12 @@ def stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_stage: int, dp_ran
     """
     params = stage_params(m, tp, pp, dp, pp_stage, dp_rank, partitioning)
     r = RankMemory(pp_stage, 0, dp_rank, params, sum(p.held for p in params) * dtype_bytes)
-    r.encoder_bytes = 20 * PromptEncoder.expected_num_params(encoder, n_prompt, m.hidden) if pp_stage == 0 else 0
+    r.encoder_bytes = 20 * encoder_params(encoder, n_prompt, m.hidden) if pp_stage == 0 else 0
     r.activation_bytes = activation_bytes(m, tp, pp, pp_stage, micro_batch, seq_len, dtype_bytes, checkpointing,
                                           micro_batches)
     if partitioning != "none" and dp > 1:
         layer = sum(prod(s) for _, s, _ in _layer_params(m, tp))
         outside = sum(p.numel - p.held for p in params if not p.name.startswith("decoder.layers."))
         r.gather_bytes = (outside + min(3, m.layers // pp + 1) * layer) * dtype_bytes
-    r.load_bytes = 4 * m.hf_num_params() + (_full_depth_numel(m, tp) + sum(p.numel for p in params)) * dtype_bytes
+    r.load_bytes = 4 * m.hf_num_params() + (full_depth_numel(m, tp) + sum(p.numel for p in params)) * dtype_bytes
     return r

@@ -3,13 +3,13 @@
 Why: sizing a 20B-530B backbone's layout must not need the machines. ``plan`` checks that the
 layout divides (every rule named with its numbers), then computes, once per pipeline stage (the
 TP ranks of a stage and, under ZeRO-3's ceil(numel/dp), its DP ranks hold the same sizes), the
-memory model's bytes (``ptuning_dist.parallel.memory.stage_memory``: frozen weights after
+memory model's bytes (``ptuning_dist.planning.memory.stage_memory``: frozen weights after
 TP/PP/ZeRO-3, encoder and AdamW, activations with and without checkpointing, ZeRO-3 gather
 buffers, the importer's host peak) and the bytes each rank moves per optimizer step. Pure
-arithmetic: a 530B model on 4096 GPUs plans in milliseconds. ``ptuning_dist/plan_cli.py`` prints it.
+arithmetic: a 530B model on 4096 GPUs plans in milliseconds. ``ptuning_dist/cli/plan.py`` prints it.
 
-Communication, as the training step (``ptuning_dist.train.loop``) really runs it, per optimizer step
-of M = global / (micro x dp) micro-batches per DP rank, b = micro, s = seq_len, h = hidden, in the
+Communication, as the training step (``ptuning_dist.train.recipe``) really runs it, per optimizer step
+of n_micro = global / (micro x dp) micro-batches per DP rank, b = micro, s = seq_len, h = hidden, in the
 backbone's dtype unless said otherwise; each number is what one rank sends (it receives as much):
 
 - ZeRO-3 all-gather (zero stage 3, dp > 1): each transformer layer's weights are gathered for every
@@ -34,8 +34,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ptuning_dist.config import EncoderKind, choices, one_of
 from ptuning_dist.errors import ConfigError
-from ptuning_dist.parallel.memory import ModelShape, activation_bytes, stage_memory
+from ptuning_dist.planning.layout import PLAN_NAMES, check_layout
+from ptuning_dist.planning.memory import activation_bytes, stage_memory
+from ptuning_dist.planning.shape import ModelShape
 
 GiB = 2**30
 
@@ -161,26 +164,17 @@ def _positive(**values: int) -> None:
             raise ConfigError(f"--{name}: must be a positive integer, got {v!r}")
 
 
-def check_layout(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int, pp: int, micro_batch: int,
-                 global_batch: int | None, name: str = "the model") -> tuple[int, int, int]:
-    """(dp, global batch, micro-batches per step per DP rank), or ConfigError naming the rule broken."""
+def plan_layout(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int, pp: int, micro_batch: int,
+                global_batch: int | None, name: str = "the model") -> tuple[int, int, int]:
+    """(dp, global batch, micro-batches per step per DP rank), or ConfigError naming the rule broken
+    (``planning.layout``'s rules, in the planner's flags)."""
     _positive(nodes=nodes, **{"gpus-per-node": gpus_per_node}, tp=tp, pp=pp, micro_batch_size=micro_batch)
-    for what, n, flag, by in (("attention heads", shape.heads, "--tp", tp),
-                              ("key/value groups", shape.kv_groups, "--tp", tp),
-                              ("ffn width", shape.ffn, "--tp", tp), ("layers", shape.layers, "--pp", pp)):
-        if n % by:
-            raise ConfigError(f"does not divide: {flag} {by} does not divide the {n} {what} of {name}")
+    if global_batch is not None:
+        _positive(global_batch_size=global_batch)
     world = nodes * gpus_per_node
-    if world % (tp * pp):
-        raise ConfigError(f"does not divide: --tp x --pp = {tp} x {pp} = {tp * pp} does not divide the world "
-                          f"of --nodes {nodes} x --gpus-per-node {gpus_per_node} = {world} GPUs")
-    dp = world // (tp * pp)
-    global_batch = micro_batch * dp if global_batch is None else global_batch
-    _positive(global_batch_size=global_batch)
-    if global_batch % (micro_batch * dp):
-        raise ConfigError(f"does not divide: --global_batch_size {global_batch} is not a multiple of "
-                          f"--micro_batch_size {micro_batch} x dp {dp} = {micro_batch * dp}")
-    return dp, global_batch, global_batch // (micro_batch * dp)
+    lay = check_layout(shape, tp, pp, world, micro_batch, global_batch, PLAN_NAMES, model=name,
+                       world=f"the world of --nodes {nodes} x --gpus-per-node {gpus_per_node} = {world} GPUs")
+    return lay.dp, lay.global_batch, lay.accumulation
 
 
 def plan(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int = 1, pp: int = 1, *, zero_stage: int = 3,
@@ -189,7 +183,7 @@ def plan(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int = 1, pp: int
          reserve_bytes: int = 0, offload: bool = False, name: str = "the model") -> Plan:
     """The plan of one layout (see the module docstring); ConfigError if it does not divide or an
     input is out of range. ``global_batch`` None: micro x dp; ``seq_len`` None: the model's positions."""
-    dp, global_batch, M = check_layout(shape, nodes, gpus_per_node, tp, pp, micro_batch, global_batch, name)
+    dp, global_batch, n_micro = plan_layout(shape, nodes, gpus_per_node, tp, pp, micro_batch, global_batch, name)
     seq_len = shape.max_positions if seq_len is None else seq_len
     _positive(seq_len=seq_len, n_prompt=n_prompt)
     if shape.family == "gpt2" and seq_len > shape.max_positions:
@@ -202,12 +196,12 @@ def plan(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int = 1, pp: int
         raise ConfigError(f"dtype bytes {dtype_bytes!r} must be 2 (bf16/fp16) or 4 (fp32)")
     if offload and zero_stage != 3:
         raise ConfigError(f"offload_param needs ZeRO stage 3, not {zero_stage}")
-    if encoder not in ("lstm", "mlp", "embedding"):
-        raise ConfigError(f"--encoder {encoder!r} is not lstm, mlp or embedding")
+    if encoder not in choices(EncoderKind):
+        raise ConfigError(f"--encoder {encoder!r} is not {one_of(choices(EncoderKind))}")
     # ZeRO 1/2 partition gradients and optimizer states: the frozen backbone has none, so only 3 partitions it
     partitioning = "zero3" if zero_stage == 3 else "none"
     kw = dict(dtype_bytes=dtype_bytes, partitioning=partitioning, n_prompt=n_prompt, encoder=encoder,
-              micro_batch=micro_batch, seq_len=seq_len, micro_batches=M)
+              micro_batch=micro_batch, seq_len=seq_len, micro_batches=n_micro)
     sbh, d, per_stage = seq_len * micro_batch * shape.hidden, dtype_bytes, shape.layers // pp
     rows: list[StageRow] = []
     for s in range(pp):
@@ -215,13 +209,14 @@ def plan(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int = 1, pp: int
         layer = sum(p.numel for p in r.frozen if p.name.startswith("decoder.layers.0."))
         outside = sum(p.numel for p in r.frozen if not p.name.startswith("decoder.layers."))
         comm = Comm(
-            zero3_gather=(dp - 1) * (2 * M * per_stage * layer + outside) * d // dp if partitioning == "zero3" else 0,
-            tp_allreduce=2 * (tp - 1) * d * M * (per_stage * (6 if checkpointing else 4) * sbh + (s == 0) * sbh
+            zero3_gather=((dp - 1) * (2 * n_micro * per_stage * layer + outside) * d // dp
+                          if partitioning == "zero3" else 0),
+            tp_allreduce=2 * (tp - 1) * d * n_micro * (per_stage * (6 if checkpointing else 4) * sbh + (s == 0) * sbh
                                                   + (s == pp - 1) * micro_batch * shape.hidden) // tp,
-            pp_send=M * sbh * d * ((s > 0) + (s < pp - 1)),
+            pp_send=n_micro * sbh * d * ((s > 0) + (s < pp - 1)),
             dp_allreduce=2 * (dp - 1) * n_prompt * shape.hidden * 4 // dp if s == 0 else 0)
         row = StageRow(s, s, tp * dp, r.frozen_bytes, r.encoder_bytes, r.activation_bytes,
-                       activation_bytes(shape, tp, pp, s, micro_batch, seq_len, d, True, M), r.gather_bytes,
+                       activation_bytes(shape, tp, pp, s, micro_batch, seq_len, d, True, n_micro), r.gather_bytes,
                        r.load_bytes, comm, checkpointing, offload)
         prev = rows[-1] if rows else None
         if prev is not None and prev.last == s - 1 and _same(prev, row):  # group identical neighbours
@@ -230,7 +225,7 @@ def plan(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int = 1, pp: int
         else:
             rows.append(row)
     return Plan(name, shape, nodes, gpus_per_node, tp, pp, dp, zero_stage, dtype_bytes, offload, micro_batch,
-                global_batch, M, seq_len, n_prompt, encoder, checkpointing, gpu_mem_bytes, reserve_bytes, rows)
+                global_batch, n_micro, seq_len, n_prompt, encoder, checkpointing, gpu_mem_bytes, reserve_bytes, rows)
 
 
 def _same(a: StageRow, b: StageRow) -> bool:

@@ -1,7 +1,8 @@
 """megatron-core 0.16 on CPU: the CUDA assumptions it makes, bypassed in one place.
 
 Applied by ``enable()`` only when there is no GPU; each patch checks that the upstream object it
-replaces still looks as expected (``tests/test_megatron.py`` fails if megatron-core changes them).
+replaces still looks as expected and raises an ``UpstreamError`` naming it if not (the megatron
+tests fail if megatron-core changes them).
 
 1. ``GlobalMemoryBuffer.get_tensor`` allocates its scratch buffer on ``torch.cuda.current_device()``
    (used by the local-spec attention for its baddbmm input): allocate on the CPU instead.
@@ -24,6 +25,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from ptuning_dist.errors import upstream
 
 _ENABLED = False
 
@@ -127,21 +130,23 @@ def enable() -> bool:
     from megatron.core.models.common.embeddings import rotary_pos_embedding as rope
     from megatron.core.tensor_parallel import layers, random
 
-    assert hasattr(utils.GlobalMemoryBuffer, "get_tensor"), "megatron-core changed GlobalMemoryBuffer"
+    upstream(hasattr(utils.GlobalMemoryBuffer, "get_tensor"), "megatron-core's GlobalMemoryBuffer has no get_tensor")
     utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
-    assert hasattr(rope.RotaryEmbedding, "get_freqs_non_repeated"), "megatron-core changed RotaryEmbedding"
+    upstream(hasattr(rope.RotaryEmbedding, "get_freqs_non_repeated"),
+             "megatron-core's RotaryEmbedding has no get_freqs_non_repeated")
     rope.RotaryEmbedding.get_emb = _cpu_get_emb
     for mod in (random, tensor_parallel, layers):
-        assert hasattr(mod, "get_cuda_rng_tracker"), f"megatron-core moved get_cuda_rng_tracker out of {mod}"
+        upstream(hasattr(mod, "get_cuda_rng_tracker"),
+                 f"megatron-core moved get_cuda_rng_tracker out of {mod.__name__}")
         mod.get_cuda_rng_tracker = lambda *a, **k: _TRACKER
-    assert hasattr(random, "_get_cuda_rng_state") and hasattr(random, "_set_cuda_rng_state"), \
-        "megatron-core changed its recompute RNG helpers"
+    upstream(hasattr(random, "_get_cuda_rng_state") and hasattr(random, "_set_cuda_rng_state"),
+             "megatron-core's recompute RNG helpers (_get/_set_cuda_rng_state) are gone")
     random._get_cuda_rng_state = lambda *a, **k: None
     random._set_cuda_rng_state = lambda *a, **k: None
     from megatron.core.pipeline_parallel import p2p_communication, schedules
 
     for mod in (schedules, p2p_communication):
-        assert mod.torch is torch, f"megatron-core changed how {mod.__name__} imports torch"
+        upstream(mod.torch is torch, f"megatron-core's {mod.__name__} no longer imports torch as a module name")
         mod.torch = _CpuTorch()
     _ENABLED = True
     return True
