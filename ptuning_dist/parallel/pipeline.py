@@ -3,14 +3,14 @@
 The prompt encoder lives on the first stage only (later stages hold no trainable parameter, no
 optimizer, no encoder state in checkpoints). Per optimizer step, on every rank of a pipeline::
 
-    stage 0:      table_leaf = encoder().detach().requires_grad_()      (loop.py)
+    stage 0:      table_leaf = encoder().detach().requires_grad_()      (train/recipe.py)
     every stage:  1F1B over this DP rank's micro-batches (same ids, mask and plan on every stage,
                   collated by each rank's own loader: no data is sent down the pipeline)
                     stage 0  : splice(ids, plan, table_leaf) -> its layers -> send [s, b, h]
                     stage k  : recv [s, b, h] -> its layers -> send
                     last     : recv -> its layers -> final norm -> head at targets -> loss / n
                   backward the same way back; stage 0's ends in table_leaf.grad
-    stage 0:      DP all-reduce of table_leaf.grad, encoder backward, optimizer  (loop.py)
+    stage 0:      DP all-reduce of table_leaf.grad, encoder backward, optimizer  (train/recipe.py)
 
 What the schedule needs and where it comes from:
 - one activation shape per step: the loader pads every micro-batch of a step to the step's
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ptuning_dist.data.collate import Batch
+from ptuning_dist.data.batch import Batch
 from ptuning_dist.model import PTuningModel
 
 
@@ -75,8 +75,8 @@ class PipelineSchedule:
         Returns the step's mean loss on the last stage, zero on the others."""
         step_loss = torch.zeros((), device=batches[0].ids_BS.device)
 
-        def loss_func(batch: Batch, logits_BK: torch.Tensor):
-            loss = F.cross_entropy(logits_BK, batch.label_B)
+        def loss_func(batch: Batch, logits_EK: torch.Tensor):
+            loss = F.cross_entropy(logits_EK, batch.label_E)
             step_loss.add_(loss.detach() / len(batches))  # before megatron divides ``loss`` in place
             return loss, {}
 

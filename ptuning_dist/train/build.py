@@ -1,8 +1,9 @@
-"""Set-up of a run, in a fixed order: tokenizer and task -> backbone (built, loaded and frozen
-before anything wraps it) -> prompt encoder -> model -> trainable-parameter check.
+"""What a run is built from, in a fixed order: tokenizer and task -> backbone (loaded and frozen
+before anything wraps it) -> prompt encoder (seeded) -> model.
 
-Later stages (checkpoint wrapping, ZeRO-3 sharding, TP/PP) are applied from outside by
-``ptuning_dist.parallel`` to the objects built here; nothing in this file knows about them.
+The parallel wrappers (checkpoint wrapping, ZeRO-3 / FSDP2, the pipeline schedule) are applied to
+the objects built here from outside, by ``ptuning_dist.parallel.parallelize``; the megatron
+backbone only reads its TP/PP coordinates while importing.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ptuning_dist.backbone.hf import HFBackbone, fingerprint
+from ptuning_dist.backbone.hf import DTYPES, HFBackbone, fingerprint
 from ptuning_dist.backbone.tiny import default_backbone
 from ptuning_dist.config import RunConfig
 from ptuning_dist.data.collate import Candidates, Example, build_candidates, encode_rows
@@ -33,7 +34,7 @@ class Run:
     task: Task
     template: Template
     cands: Candidates
-    backbone: nn.Module  # HFBackbone or MegatronBackbone: hidden_at, head, hidden_size, dtype, model
+    backbone: nn.Module  # HFBackbone or MegatronBackbone (the protocol of backbone/base.py)
     device: torch.device
 
 
@@ -55,7 +56,6 @@ def build_run(cfg: RunConfig, device: torch.device | None = None) -> Run:
     mask_space = template.parts[-1].space_before
     cands = build_candidates(task, tok, cfg.data.allowed_vocab, mask_space)
     if cfg.model.backend == "megatron":
-        from ptuning_dist.backbone.hf import DTYPES
         from ptuning_dist.backbone.megatron import MegatronBackbone
 
         hf = HFBackbone.from_pretrained(model_path, "float32").model  # read once, sharded into megatron
@@ -80,18 +80,14 @@ def examples(run: Run, split: str, manual: bool = False) -> list[Example]:
 
 def build_model(run: Run, seed: int) -> tuple[PTuningModel, PromptEncoder | None]:
     """The encoder (seeded: identical on every rank) and the model around the frozen backbone.
-    Under pipeline parallelism only the first stage holds the encoder (None elsewhere). Asserts
-    right after wrapping that the only trainable parameters are the encoder's."""
-    hidden = run.backbone.hidden_size
-    encoder, expected = None, 0
+    Under pipeline parallelism only the first stage holds the encoder (None elsewhere)."""
+    encoder = None
     if run.backbone.is_first_stage:
         torch.manual_seed(seed)
-        encoder = PromptEncoder(run.cfg.prompt.encoder, run.template.n_prompt, hidden, run.cfg.prompt.lstm_dropout)
+        encoder = PromptEncoder(run.cfg.prompt.encoder, run.template.n_prompt, run.backbone.hidden_size,
+                                run.cfg.prompt.lstm_dropout)
         encoder.to(run.device)
-        expected = PromptEncoder.expected_num_params(encoder.kind, encoder.n_prompt, hidden)
     model = PTuningModel(run.backbone, encoder, _to(run.cands.tensor(), run.device), run.cfg.model.splice)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == expected, f"trainable parameters {trainable} != the encoder's {expected}"
     return model, encoder
 
 

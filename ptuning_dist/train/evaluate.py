@@ -6,7 +6,9 @@ evaluating through the encoder and through the exported table are the same compu
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -14,6 +16,8 @@ import torch.distributed as dist
 from ptuning_dist.data.collate import Example, collate
 from ptuning_dist.model import PTuningModel
 from ptuning_dist.parallel.launch import data_parallel
+from ptuning_dist.prompt.export import ENCODER_FILE, save_encoder, save_table
+from ptuning_dist.train.build import examples
 
 
 @torch.no_grad()
@@ -80,3 +84,41 @@ def evaluate(model: PTuningModel, examples: list[Example], cands, batch_size: in
     if cands.names is not None:
         return classification_metrics(preds, examples, cands.names)
     return lama_metrics(preds, examples)
+
+
+def export_and_evaluate(model: PTuningModel, encoder, parts, eval_ex: list[Example], out: Path, D, pipeline,
+                        pack_to: int | None, say) -> dict:
+    """The end of a run: export the table (and the encoder), then evaluate through the table (what
+    inference uses) and the manual baseline; rank 0 writes ``eval.json``. Pipeline stages after the
+    first have no table: their layers do not read it."""
+    cfg = parts.cfg
+    table_MH = encoder.export_table().to(D.device) if encoder is not None else None
+    if D.is_main:
+        save_encoder(out / ENCODER_FILE, encoder)
+        save_table(out / "prompt_table", table_MH, template=parts.template.text,
+                   backbone_path=str(parts.model_path), backbone_hash=parts.backbone_hash,
+                   tokenizer=str(parts.model_path), vocab_size=parts.tok.vocab_size,
+                   extra={"task": cfg.data.task, "encoder": encoder.kind, "steps": cfg.train.max_steps})
+    kw = dict(batch_size=cfg.train.eval_batch_size, pad_id=parts.tok.pad_id, device=D.device, pipeline=pipeline,
+              pack_to=pack_to)
+    no_prompt = torch.zeros((0, parts.backbone.hidden_size), device=D.device)
+    res = {
+        "step": cfg.train.max_steps,
+        "split": cfg.data.eval_split,
+        "ptuning": evaluate(model, eval_ex, parts.cands, table_MH=table_MH, **kw),
+        "manual_baseline": evaluate(model, examples(parts, cfg.data.eval_split, manual=True), parts.cands,
+                                    table_MH=no_prompt, **kw),
+        "prompt_table": str(out / "prompt_table"),
+    }
+    if D.is_main:
+        (out / "eval.json").write_text(json.dumps(res, indent=2) + "\n")
+    say(f"eval {cfg.data.eval_split}: p-tuning {headline(res['ptuning'])} | "
+        f"manual template {headline(res['manual_baseline'])}; table -> {out / 'prompt_table'}")
+    D.barrier()
+    return res
+
+
+def headline(res: dict) -> str:
+    if "accuracy" in res:
+        return f"acc {res['accuracy']:.3f} macro-F1 {res['macro_f1']:.3f}"
+    return f"P@1 {res['p@1_macro']:.3f} (macro over {len(res['p@1_per_relation'])} relations)"

@@ -1,0 +1,171 @@
+"""Every parallel wrapper, applied from outside the model, in one documented order.
+
+The order (torchtitan's ``parallelize_*``, extended by what loading needs):
+
+0. ``ParallelPlan.from_config(cfg)``, before any process group: the layout against the world size
+   (``planning/layout.py``'s rules, the model's too when its path is given), the DeepSpeed JSON
+   reconciled with the run config (``ds_config.py``), the combinations that are not built refused.
+   A bad layout fails at once, on every rank, naming the field.
+1. ``D = plan.start()``: the process group (``launch.py``: deepspeed, torchrun, mpirun or srun
+   discovery), megatron's TP x PP x DP groups (the megatron import needs them), and the host heap
+   policy (``heap.py``; before anything large is read).
+2. ``with plan.loading():`` the backbone loads and is frozen. An HF model under ZeRO-3 is
+   partitioned while ``from_pretrained`` reads it (``HfDeepSpeedConfig`` alive); a megatron stage
+   is imported as this rank's TP shard of its layers.
+3. ``parallelize(model, plan)``, on the built model:
+   a. activation checkpointing per transformer block (``checkpointing.py``): before sharding, so
+      that what is sharded are the wrapped blocks;
+   b. the frozen part (``model.frozen``) partitioned over the data-parallel group: a partition-only
+      ZeRO-3 engine (``zero.py``; a megatron stage with ``compat/deepspeed_megatron.py``'s fixes) or
+      FSDP2 (``fsdp.py``); the encoder stays outside, replicated;
+   c. the pipeline schedule at pp > 1 (``pipeline.py``): last, since it drives the wrapped,
+      sharded stage.
+   It returns one ``Parallelized``: the engine, the schedule, the per-step gather-and-hold of the
+   weights used outside their modules (``hold``), the release after a step's backwards
+   (``release``), the heap policy and the data-parallel group.
+
+The model code (``model.py``, ``backbone/``, ``prompt/``, ``ops/``) knows only whether it is a first
+and/or last pipeline stage.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+from ptuning_dist.config import RunConfig
+from ptuning_dist.errors import ConfigError
+from ptuning_dist.parallel import launch
+from ptuning_dist.parallel.ds_config import load_ds_config, zero_stage
+from ptuning_dist.parallel.heap import HostHeap
+
+
+@dataclass
+class ParallelPlan:
+    """The layout of a run, checked before any process group (step 0)."""
+
+    cfg: RunConfig
+    world: int
+    dp: int
+    accumulation: int
+    ds_cfg: dict | None  # the DeepSpeed config to initialise with (its "auto" fields filled)
+    heap: HostHeap | None = None  # set by start()
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, world: int | None = None) -> "ParallelPlan":
+        p = cfg.parallel
+        if (p.tp > 1 or p.pp > 1) and cfg.model.backend != "megatron":
+            raise ConfigError(f"parallel.tp = {p.tp}, parallel.pp = {p.pp}: tensor and pipeline parallelism need "
+                              "model.backend = megatron (--backend megatron)")
+        if p.fsdp2 and p.ds_config:
+            raise ConfigError("parallel.fsdp2 and parallel.ds_config both partition the backbone; choose one")
+        if cfg.model.backend == "megatron" and cfg.model.path is not None:
+            check_megatron_model(cfg.model.path, p.tp, p.pp)
+        world = launch.env_world()[1] if world is None else world
+        dp, accum = cfg.layout(world)
+        ds_cfg = None
+        if p.ds_config:
+            ds_cfg, cfg.model.dtype = load_ds_config(p.ds_config, cfg, world)
+        return cls(cfg, world, dp, accum, ds_cfg)
+
+    @property
+    def megatron(self) -> bool:
+        return self.cfg.model.backend == "megatron"
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.ds_cfg)
+
+    @property
+    def partitioned(self) -> bool:
+        """The frozen weights are partitioned over more than one rank (ZeRO-3 or FSDP2 at dp > 1)."""
+        return self.dp > 1 and (self.zero_stage == 3 or self.cfg.parallel.fsdp2)
+
+    def start(self) -> launch.Dist:
+        """Step 1: the process groups and the host heap policy."""
+        p = self.cfg.parallel
+        D = launch.init(need_group=self.ds_cfg is not None or self.megatron or p.fsdp2, timeout_s=p.dist_timeout_s)
+        if self.megatron:
+            launch.init_model_parallel(p.tp, p.pp)
+        self.heap = HostHeap(p.host_malloc, D.device, self.partitioned)
+        return D
+
+    def loading(self):
+        """Step 2: the context the backbone loads in."""
+        if self.zero_stage == 3 and not self.megatron:
+            return _hf_zero3_loading(self.ds_cfg)
+        return nullcontext()
+
+
+@contextmanager
+def _hf_zero3_loading(ds_cfg: dict):
+    from ptuning_dist.parallel.zero import hf_zero3_context
+
+    keep = hf_zero3_context(ds_cfg)  # noqa: F841 - alive while loading: from_pretrained partitions as it reads
+    yield
+
+
+def check_megatron_model(model_dir, tp: int, pp: int) -> None:
+    """The megatron backend's rules, from ``config.json`` alone (before any process group): a family
+    with an importer, and TP/PP dividing its heads, key/value groups, FFN width and layers."""
+    import json
+    from pathlib import Path
+
+    from ptuning_dist.backbone.families import family
+    from ptuning_dist.planning.layout import check_model
+
+    path = Path(model_dir) / "config.json"
+    cfg = json.loads(path.read_text())
+    check_model(family(cfg.get("model_type"), need="megatron", where=str(path)).shape(cfg), tp, pp, model=str(path))
+
+
+@dataclass
+class Parallelized:
+    """What ``parallelize`` made of the model: what the recipe's step calls."""
+
+    engine: object | None  # the partition-only DeepSpeed engine over model.frozen (ZeRO), else None
+    pipeline: object | None  # parallel.pipeline.PipelineSchedule at pp > 1, else None
+    heap: HostHeap
+    dp_rank: int
+    dp: int
+    dp_group: object  # None: the whole world
+    zero3: bool
+    external: list  # the backbone's external weights: gathered once per step under ZeRO-3
+
+    def hold(self):
+        """A context in which the weights used outside their modules (embedding table, head, ...)
+        stay gathered: once per step and per evaluation, not once per forward (ZeRO-3 only; costs:
+        held for the whole step, as the memory model counts)."""
+        from ptuning_dist.parallel.zero import held_for_step
+
+        return held_for_step(self.engine if self.zero3 else None, self.external)
+
+    def release(self) -> None:
+        """After a step's backwards: ZeRO-3 re-partitions what a recomputed block left gathered."""
+        if self.zero3:
+            self.engine.optimizer.release_backward_leftovers()
+
+
+def parallelize(model, plan: ParallelPlan) -> Parallelized:
+    """Step 3 on a built, frozen ``PTuningModel``: checkpoint wrapping -> partitioning -> pipeline."""
+    from ptuning_dist.parallel.checkpointing import apply_activation_checkpointing
+
+    p = plan.cfg.parallel
+    dp_rank, dp, dp_group = launch.data_parallel()  # TP replicas and pipeline stages share a DP rank
+    if p.activation_checkpointing:
+        apply_activation_checkpointing(model.backbone)
+    engine = None
+    if plan.ds_cfg is not None:
+        from ptuning_dist.parallel.zero import shard_frozen
+
+        engine = shard_frozen(model, plan.ds_cfg, plan.megatron)
+    if p.fsdp2:
+        from ptuning_dist.parallel.fsdp import shard_frozen_fsdp2
+
+        shard_frozen_fsdp2(model, dp_group)
+    pipeline = None
+    if p.pp > 1:
+        from ptuning_dist.parallel.pipeline import PipelineSchedule
+
+        pipeline = PipelineSchedule(model)
+    return Parallelized(engine, pipeline, plan.heap, dp_rank, dp, dp_group, plan.zero_stage == 3,
+                        model.backbone.external_weights())
