@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh clone: sets up .venv on first use, then runs what you ask.
 #   bash dev.sh train [flags]   the default training job (tiny embedded GPT-2 + bundled task)
-#   bash dev.sh test [pytest args]   the test suite (all tiers; -m "not slow and not dist" is the fast tier)
+#   bash dev.sh test [pytest args]   the test suite (all tiers; tests/unit is the fast tier)
 #   bash dev.sh setup           only the set-up
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"

@@ -1,10 +1,11 @@
-"""Thin entry point: `python launchers/evaluate.py --help`. The work is in ptuning_dist.cli.evaluate_main."""
+"""Thin entry point: `python launchers/evaluate.py --help` (installed: `ptuning-evaluate`); the work is in
+ptuning_dist.cli.evaluate."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from ptuning_dist.cli import evaluate_main  # noqa: E402
+from ptuning_dist.cli.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(evaluate_main())
+    sys.exit(main())

@@ -1,10 +1,11 @@
-"""Thin entry point: `python launchers/export.py --help`. The work is in ptuning_dist.cli.export_main."""
+"""Thin entry point: `python launchers/export.py --help` (installed: `ptuning-export`); the work is in
+ptuning_dist.cli.export."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from ptuning_dist.cli import export_main  # noqa: E402
+from ptuning_dist.cli.export import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(export_main())
+    sys.exit(main())

@@ -1,10 +1,11 @@
-"""Thin entry point: `python launchers/train.py --help`. The work is in ptuning_dist.cli.train_main."""
+"""Thin entry point: `python launchers/train.py --help` (installed: `ptuning-train`); the work is in
+ptuning_dist.cli.train."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from ptuning_dist.cli import train_main  # noqa: E402
+from ptuning_dist.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    sys.exit(main())

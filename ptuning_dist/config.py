@@ -1,18 +1,47 @@
 """The one typed config tree of a run: model, prompt, data, train, parallel.
 
 Loaded from a YAML/JSON file (``--config``), overridden by launcher flags, validated field by
-field in ``__post_init__`` (errors name the field, e.g. ``train.lr``) and as a whole against the
-world size in ``RunConfig.check_layout``.
+field (errors name the field, e.g. ``train.lr``) and as a whole against the world size in
+``RunConfig.layout``. Every field's docstring is its ``--help`` text: the flags of every entry point
+are generated from these classes (``ptuning_dist.cli.args``), so a new field is a new flag.
+
+Choices are ``Literal`` types, the one place they are written: the config checks them, the
+``--help`` lists them, and the modules that branch on them read them from here.
+Importing this module does not import torch.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import json
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 from ptuning_dist.errors import ConfigError
+
+Backend = Literal["hf", "megatron"]
+Splice = Literal["fused", "reference"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+EncoderKind = Literal["lstm", "mlp", "embedding"]
+TaskName = Literal["default", "lama", "rte", "cb", "boolq", "wic"]
+Packing = Literal["auto", "on", "off"]
+HostMalloc = Literal["auto", "mmap", "trim", "off"]
+
+
+def choices(literal) -> tuple:
+    """The values of a ``Literal`` type, in their written order."""
+    return typing.get_args(literal)
+
+
+def one_of(values) -> str:
+    """'a, b or c'."""
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
 
 
 def _require(ok: bool, name: str, msg: str) -> None:
@@ -20,96 +49,133 @@ def _require(ok: bool, name: str, msg: str) -> None:
         raise ConfigError(f"{name}: {msg}")
 
 
-@dataclass
-class ModelConfig:
-    path: str | None = None
-    """A local Hugging Face model directory (model and tokenizer). None: the embedded tiny
-    GPT-2 default, built once into ``<output_dir>/default_backbone``."""
-    dtype: str = "float32"
-    """The frozen backbone's dtype: float32, bfloat16 or float16. The encoder is always fp32."""
-    backend: str = "hf"
-    """'hf' (the Hugging Face model as it is) or 'megatron' (imported into a megatron-core GPTModel,
-    GPT-2 and LLaMA families; needed for parallel.tp > 1)."""
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), read from the source."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for stmt, nxt in zip(body, body[1:] + [None]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[stmt.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+    return docs
 
-    splice: str = "fused"
-    """The embedding splice: 'fused' (``ptuning::splice``: one pass, a C++ kernel on CPU built on first
-    use, Triton on CUDA) or 'reference' (lookup, then insert the prompt rows: the oracle). Same bits."""
+
+class Section:
+    """A config section: ``Literal`` fields are checked against their choices, then ``check()``."""
+
+    name: ClassVar[str] = ""
 
     def __post_init__(self):
-        _require(self.backend in ("hf", "megatron"), "model.backend", f"{self.backend!r} is not hf or megatron")
-        _require(self.splice in ("fused", "reference"), "model.splice", f"{self.splice!r} is not fused or reference")
-        _require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-                 f"{self.dtype!r} is not float32, bfloat16 or float16")
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            typ = hints[f.name]
+            allowed = literal_choices(typ)
+            value = getattr(self, f.name)
+            if allowed is not None and not (value is None and _optional(typ)):
+                _require(value in allowed, f"{self.name}.{f.name}", f"{value!r} is not {one_of(allowed)}")
+        self.check()
+
+    def check(self) -> None:
+        """Rules across this section's fields (ranges, combinations)."""
 
 
 @dataclass
-class PromptConfig:
-    encoder: str = "lstm"
-    """Prompt encoder: 'lstm' (the paper's: 2-layer biLSTM + 2-layer ReLU MLP), 'mlp', 'embedding'."""
+class ModelConfig(Section):
+    name: ClassVar[str] = "model"
+    path: str | None = field(default=None, metadata={"flag": "model"})
+    """A local Hugging Face model directory (model and tokenizer). None: the embedded tiny GPT-2
+    default, built once into <output_dir>/default_backbone."""
+    dtype: Dtype = "float32"
+    """The frozen backbone's dtype. The encoder is always fp32. Under --ds_config the JSON's
+    bf16/fp16 section decides."""
+    backend: Backend = "hf"
+    """'hf' (the Hugging Face model as it is) or 'megatron' (imported into a megatron-core GPTModel;
+    needed for parallel.tp/pp > 1)."""
+    splice: Splice = "fused"
+    """The embedding splice: 'fused' (ptuning::splice: one pass, a C++ kernel on CPU built on first
+    use, Triton on CUDA) or 'reference' (lookup, then insert the prompt rows: the oracle). Same bits."""
+
+
+@dataclass
+class PromptConfig(Section):
+    name: ClassVar[str] = "prompt"
+    encoder: EncoderKind = "lstm"
+    """Prompt encoder: 'lstm' (the paper's: 2-layer biLSTM + 2-layer ReLU MLP), 'mlp', or
+    'embedding' (a plain trainable table)."""
     template: str | None = None
-    """Template with [P]/[P*n] slots, {fields}, anchors and [MASK]; None: the task's default."""
+    """Template with [P]/[P*n] prompt slots, {fields}, literal anchor words and [MASK]; None: the
+    task's default."""
     lstm_dropout: float = 0.0
     """Dropout between the two LSTM layers (the paper's code: 0)."""
 
-    def __post_init__(self):
-        _require(self.encoder in ("lstm", "mlp", "embedding"), "prompt.encoder",
-                 f"{self.encoder!r} is not lstm, mlp or embedding")
+    def check(self):
         _require(0.0 <= self.lstm_dropout < 1.0, "prompt.lstm_dropout", "must be in [0, 1)")
 
 
 @dataclass
-class DataConfig:
-    task: str = "default"
-    """default (bundled tiny LAMA), lama, rte, cb, boolq or wic."""
+class DataConfig(Section):
+    name: ClassVar[str] = "data"
+    task: TaskName = "default"
+    """The task: 'default' (the bundled tiny LAMA set), 'lama' (a LAMA-layout folder), or a FewGLUE
+    task."""
     data_dir: str | None = None
     """The task's data folder; None: the bundled set (default) or ../shared/data/fewglue/<TASK>."""
     relations: list[str] | None = None
-    """LAMA: the relations to train and evaluate (None: every relation in relations.jsonl)."""
+    """LAMA: the relations to train and evaluate, comma-separated (None: every relation in
+    relations.jsonl)."""
     allowed_vocab: str | None = None
-    """LAMA: restrict predictions to 'objects' (all objects in the data), a word-list file
-    (the paper's LAMA-29k/34k) or 'full' (the whole vocabulary); None: the task's default
-    ('objects' for the bundled default task, 'full' for lama)."""
+    """LAMA: restrict predictions to 'objects' (all objects in the data), a word-list file (the
+    paper's LAMA-29k/34k) or 'full' (the whole vocabulary); None: the task's default ('objects' for
+    the bundled default task, 'full' for lama)."""
     max_seq_len: int = 256
     """Rows longer than this lose tokens from their longest input field."""
-    packing: str = "auto"
-    """'on': each micro-batch is packed (data/packing.py): the rows' shared prefix (the leading
-    prompt tokens and anchors every row has) computed once, several rows per sequence of at most
-    max_seq_len positions, no padding; same loss, less work. 'off': rows padded to the longest
-    of their micro-batch. 'auto' (default): 'on' with the hf backend, 'off' with megatron (its
-    attention takes no packed mask yet)."""
+    packing: Packing = "auto"
+    """'on': each forward is packed (data/packing.py): the rows' shared prefix (the leading prompt
+    tokens and anchors every row has) computed once, several rows per sequence of at most
+    max_seq_len positions, no padding; same loss, less work. 'off': rows padded to the longest of
+    their micro-batch. 'auto': 'on' with the hf backend, 'off' with megatron (its attention takes no
+    packed mask yet)."""
     train_split: str = "train"
+    """The training split (LAMA: a file name in each relation folder; SuperGLUE: train)."""
     eval_split: str = "dev"
-    """Splits (LAMA: file names in each relation folder; SuperGLUE: train, dev32, val)."""
+    """The split evaluated during and after training (LAMA: a file name; SuperGLUE: dev32 or val)."""
 
-    def __post_init__(self):
+    def check(self):
         _require(self.max_seq_len >= 8, "data.max_seq_len", f"must be >= 8, got {self.max_seq_len}")
-        _require(self.packing in ("auto", "on", "off"), "data.packing", f"{self.packing!r} is not auto, on or off")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
+    name: ClassVar[str] = "train"
     output_dir: str = "runs/default"
-    """Where metrics.jsonl, eval.json, the encoder and the exported prompt table go."""
+    """Where metrics.jsonl, eval.json, checkpoints, the encoder and the exported prompt table go."""
     max_steps: int = 300
     """Optimizer steps (each of global_batch_size samples)."""
     lr: float = 5e-3
     """AdamW learning rate of the encoder."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the encoder."""
     warmup_steps: int = 0
     """Linear warm-up, then linear decay to 0 at max_steps."""
     max_grad_norm: float = 1.0
     """Clip the encoder's gradient norm (0: off)."""
     micro_batch_size: int = 16
-    """Samples per forward on one rank."""
+    """Samples per forward on one rank (packed forwards are filled up to as many positions)."""
     global_batch_size: int | None = None
     """Samples per optimizer step over all ranks: micro_batch_size x accumulation x dp. None:
     micro_batch_size x dp (no accumulation). Set it to keep the same batch on any number of ranks."""
     seed: int = 1234
+    """Seeds the encoder's initial weights and the sample order."""
     log_every: int = 10
     """Log a metrics line (and sync the host for the loss) every N steps."""
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end)."""
     eval_batch_size: int = 32
+    """Samples per evaluation forward on one rank."""
     save_every: int = 0
     """Write a checkpoint every N steps (0: only at the end). Checkpoints hold only what trains."""
     keep_checkpoints: int = 3
@@ -117,7 +183,7 @@ class TrainConfig:
     resume: str | None = None
     """'auto' (the newest good checkpoint in output_dir, if any) or a checkpoint directory."""
 
-    def __post_init__(self):
+    def check(self):
         _require(self.save_every >= 0 and self.keep_checkpoints >= 1, "train.save_every/keep_checkpoints",
                  "save_every must be >= 0 and keep_checkpoints >= 1")
         for name in ("max_steps", "micro_batch_size", "log_every", "eval_batch_size"):
@@ -129,23 +195,29 @@ class TrainConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Section):
+    name: ClassVar[str] = "parallel"
     tp: int = 1
-    """Tensor-parallel size."""
+    """Tensor-parallel size (model.backend = megatron)."""
     pp: int = 1
-    """Pipeline-parallel size."""
+    """Pipeline-parallel size (model.backend = megatron; megatron-core's 1F1B schedule)."""
     ds_config: str | None = None
-    """A DeepSpeed JSON (ds_configs/zero3.json ...): ZeRO partitioning of the frozen backbone and
-    its dtype. Its batch sizes may be "auto"; values contradicting this config are errors."""
+    """A DeepSpeed JSON (ds_configs/zero3.json ...): ZeRO partitioning of the frozen backbone and its
+    dtype. Its batch sizes may be "auto"; values contradicting this config are errors."""
     fsdp2: bool = False
     """Partition the frozen backbone with torch FSDP2 over the data-parallel group (instead of a
-    DeepSpeed ZeRO-3 config); works with both backends and with TP."""
+    DeepSpeed ZeRO-3 config); works with both backends and with TP and PP."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward (about one extra forward)."""
     dist_timeout_s: float = 600.0
-    """Bound on every collective: a dead rank makes the others fail instead of hanging."""
+    """Bound on every collective, in seconds: a dead rank makes the others fail instead of hanging."""
+    host_malloc: HostMalloc = "auto"
+    """CPU runs: how glibc's heap is kept from growing under ZeRO-3's per-layer gathers. 'auto':
+    'trim' when the frozen weights are partitioned over ranks, else 'off'; 'trim': malloc_trim
+    after every step; 'mmap': buffers >= 1 MiB mmapped (leanest, slowest); 'off': glibc's defaults
+    (fastest, ~2x the memory under ZeRO-3). See parallel/heap.py."""
 
-    def __post_init__(self):
+    def check(self):
         _require(self.dist_timeout_s > 0, "parallel.dist_timeout_s", "must be > 0")
         _require(self.tp >= 1 and self.pp >= 1, "parallel.tp/pp", "must be >= 1")
 
@@ -167,33 +239,51 @@ class RunConfig:
         """The packed sequence length (collate's ``pack_to``), or None when micro-batches are padded."""
         return self.data.max_seq_len if self.data.packing != "off" and self.model.backend == "hf" else None
 
-    def check_layout(self, world_size: int) -> tuple[int, int]:
-        """(dp, accumulation) for this world size: tp*pp*dp == world and
-        micro*accum*dp == global batch, or a ConfigError naming the fields. An unset global batch
-        is resolved here to micro x dp."""
-        tp, pp = self.parallel.tp, self.parallel.pp
-        _require(world_size % (tp * pp) == 0, "parallel.tp/pp",
-                 f"tp*pp = {tp * pp} does not divide the world size {world_size}")
-        dp = world_size // (tp * pp)
+    def layout(self, world_size: int) -> tuple[int, int]:
+        """(dp, accumulation) for this world size (``planning.layout``'s rules, naming this config's
+        fields). An unset global batch is resolved here to micro x dp."""
+        from ptuning_dist.planning.layout import RUN_NAMES, check_layout
+
         t = self.train
-        per_step = t.micro_batch_size * dp
-        if t.global_batch_size is None:
-            t.global_batch_size = per_step
-        _require(t.global_batch_size % per_step == 0, "train.global_batch_size",
-                 f"{t.global_batch_size} is not micro_batch_size ({t.micro_batch_size}) x dp ({dp}) x an accumulation count")
-        return dp, t.global_batch_size // per_step
+        lay = check_layout(None, self.parallel.tp, self.parallel.pp, world_size, t.micro_batch_size,
+                           t.global_batch_size, RUN_NAMES, world=f"the world size {world_size}")
+        t.global_batch_size = lay.global_batch
+        return lay.dp, lay.accumulation
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _coerce(value, typ, name: str):
-    """Check/convert a value from a file or flag to the field's declared type."""
-    args = typing.get_args(typ)
+SECTIONS: dict[str, type[Section]] = typing.get_type_hints(RunConfig)
+
+
+def literal_choices(typ) -> tuple | None:
+    """The choices of a ``Literal`` (or optional ``Literal``) field type, else None."""
+    args = [a for a in typing.get_args(typ) if a is not type(None)] if typing.get_origin(typ) is not Literal else [typ]
+    lit = next((a for a in args if typing.get_origin(a) is Literal), None)
+    return typing.get_args(lit) if lit is not None else None
+
+
+def _optional(typ) -> bool:
+    return type(None) in typing.get_args(typ)
+
+
+def coerce(value, typ, name: str):
+    """Check/convert a value from a file or flag to the field's declared type (``name`` in errors)."""
     if value is None:
-        _require(type(None) in args, name, "may not be null")
+        _require(_optional(typ), name, "may not be null")
         return None
-    base = next((a for a in args if a is not type(None)), typ) if args else typ
+    allowed = literal_choices(typ)
+    if allowed is not None:  # a flag gives a string: compare in the choices' own type
+        if isinstance(value, str) and not isinstance(allowed[0], str):
+            try:
+                value = type(allowed[0])(value)
+            except ValueError:
+                pass
+        _require(value in allowed, name, f"{value!r} is not {one_of(allowed)}")
+        return value
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    base = args[0] if args else typ
     if typing.get_origin(base) is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -216,20 +306,19 @@ def from_dict(d: dict, overrides: dict | None = None) -> RunConfig:
     """Build a RunConfig from nested dicts plus dotted overrides ({'train.lr': 1e-3}).
     Unknown sections or fields are errors naming them."""
     d = {k: dict(v or {}) for k, v in (d or {}).items()}
-    hints = typing.get_type_hints(RunConfig)
     for section in d:
-        _require(section in hints, section, f"unknown config section; known: {sorted(hints)}")
+        _require(section in SECTIONS, section, f"unknown config section; known: {sorted(SECTIONS)}")
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         d.setdefault(section, {})[key] = value
     built = {}
-    for section, cls in hints.items():
+    for section, cls in SECTIONS.items():
         fields = {f.name: f for f in dataclasses.fields(cls)}
         ftypes = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in d.get(section, {}).items():
             _require(key in fields, f"{section}.{key}", f"unknown field; known: {sorted(fields)}")
-            kwargs[key] = _coerce(value, ftypes[key], f"{section}.{key}")
+            kwargs[key] = coerce(value, ftypes[key], f"{section}.{key}")
         built[section] = cls(**kwargs)
     return RunConfig(**built)
 

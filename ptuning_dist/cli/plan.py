@@ -1,20 +1,63 @@
-"""``launchers/plan.py``: print a layout's per-rank memory, communication per step and verdict, no GPU.
+"""``ptuning-plan`` (``launchers/plan.py``): a layout's per-rank memory, communication per step and
+verdict, without any GPU.
 
 Exit 0 when it fits, 1 when it does not, 2 with ``error: ...`` (naming the flag, file or rule) when
-the layout does not divide or an input is bad. The numbers are ``ptuning_dist.parallel.planner``'s.
+the layout does not divide or an input is bad. The numbers are ``ptuning_dist.planning.planner``'s;
+no torch is imported until a plan counts the prompt encoder's parameters.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from ptuning_dist.cli import args as cli_args
+from ptuning_dist.config import Dtype, EncoderKind
 from ptuning_dist.errors import ConfigError, PTuningError
-from ptuning_dist.parallel.memory import ModelShape
-from ptuning_dist.parallel.planner import PRESETS, GiB, Plan, plan
+from ptuning_dist.planning.planner import PRESETS, GiB, Plan, plan
+from ptuning_dist.planning.shape import ModelShape
 
-DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class PlanArgs:
+    model: str
+    """A preset (gpt2-xl, gpt-20b, gpt-175b, gpt-530b) or a Hugging Face config.json or model
+    directory (families with a megatron layout: gpt2, llama)."""
+    nodes: int = 1
+    """Nodes in the cluster."""
+    gpus_per_node: int = field(default=8, metadata={"flag": "gpus-per-node", "aliases": ("--gpus_per_node",)})
+    """GPUs per node (world = nodes x GPUs per node)."""
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size; dp = world / (tp x pp)."""
+    ds_config: str | None = None
+    """A DeepSpeed JSON: its ZeRO stage, bf16/fp16, offload_param and numeric batch sizes."""
+    zero_stage: Literal[0, 1, 2, 3] | None = None
+    """ZeRO stage without --ds_config (None: 0); with it, must agree with zero_optimization.stage."""
+    dtype: Dtype | None = None
+    """The backbone's dtype without --ds_config (None: float32); with it, float32 or the JSON's."""
+    micro_batch_size: int | None = None
+    """Samples per forward per rank (None: the JSON's, else 1)."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step (None: the JSON's, else micro x dp)."""
+    seq_len: int | None = None
+    """Tokens per sample, prompt included (None: the model's positions)."""
+    n_prompt: int = 6
+    """Prompt tokens (rows of the prompt table)."""
+    encoder: EncoderKind = "lstm"
+    """The prompt encoder (replicated with its AdamW on every first-stage rank)."""
+    gpu_mem_gb: float = 80.0
+    """GPU memory in GiB (an '80 GB' A100/H100 has 80 GiB)."""
+    reserve_gb: float = 2.0
+    """GiB kept for what the model leaves out: CUDA context, NCCL buffers, allocator."""
+    activation_checkpointing: bool = False
+    """Plan the step with full activation checkpointing (both peaks are printed)."""
 
 
 def model_shape(spec: str) -> tuple[str, ModelShape]:
@@ -53,24 +96,18 @@ def _agree(flag: str, given, key: str, found, src: str):
     return found if given is None else given
 
 
-def settings(args: argparse.Namespace) -> dict:
+def settings(args: PlanArgs) -> dict:
     """plan()'s keyword arguments from the flags and the DeepSpeed JSON (its numeric fields; "auto"
     ones fall back to the flags; a flag contradicting a number in the JSON is an error)."""
     zero, dtype, micro, glob, accum, offload = args.zero_stage, args.dtype, args.micro_batch_size, \
         args.global_batch_size, None, False
     if args.ds_config:
-        from ptuning_dist.parallel.ds_config import read_ds_json
+        from ptuning_dist.parallel.ds_config import ds_settings, read_ds_json
 
         src, d = f"--ds_config {args.ds_config}", read_ds_json(args.ds_config)
-        z = d.get("zero_optimization", {})
-        stage = z.get("stage", 0)
-        if stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{src}: zero_optimization.stage = {stage!r}, must be 0, 1, 2 or 3")
-        zero = _agree("--zero_stage", zero, "zero_optimization.stage", stage, src)
-        on = [k for k in ("bf16", "fp16") if d.get(k, {}).get("enabled") is True]
-        if len(on) > 1:
-            raise ConfigError(f"{src}: bf16.enabled and fp16.enabled are both true; pick one")
-        ds_dtype = {"bf16": "bfloat16", "fp16": "float16"}[on[0]] if on else "float32"
+        ds = ds_settings(d, src)
+        zero = _agree("--zero_stage", zero, "zero_optimization.stage", ds.stage, src)
+        ds_dtype = ds.dtype
         if dtype not in (None, "float32", ds_dtype):  # the run's rule: model.dtype is float32 or the JSON's
             raise ConfigError(f"{src}: implies backbone dtype {ds_dtype}, but --dtype {dtype}")
         dtype = ds_dtype
@@ -78,8 +115,8 @@ def settings(args: argparse.Namespace) -> dict:
                        _numeric(d, "train_micro_batch_size_per_gpu", src), src)
         glob = _agree("--global_batch_size", glob, "train_batch_size", _numeric(d, "train_batch_size", src), src)
         accum = _numeric(d, "gradient_accumulation_steps", src)
-        offload = str(z.get("offload_param", {}).get("device", "none")).lower() in ("cpu", "nvme")
-    return dict(zero_stage=0 if zero is None else zero, dtype_bytes=DTYPES[dtype or "float32"],
+        offload = ds.offload
+    return dict(zero_stage=0 if zero is None else zero, dtype_bytes=DTYPE_BYTES[dtype or "float32"],
                 micro_batch=micro or 1, global_batch=glob, accumulation=accum, offload=offload)
 
 
@@ -131,37 +168,14 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return [line(head), line(["-" * n for n in w])] + [line(r) for r in rows]
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="plan.py", description="Dry-run planner: per-rank memory, communication per "
-                                "step and a verdict for a TP x PP x DP layout, without any GPU. Exit 0: fits, "
-                                "1: does not fit, 2: does not divide or bad input.")
-    p.add_argument("--model", required=True, help=f"a preset ({', '.join(PRESETS)}) or a HF config.json / model dir")
-    p.add_argument("--nodes", type=int, default=1, help="default 1")
-    p.add_argument("--gpus-per-node", "--gpus_per_node", dest="gpus_per_node", type=int, default=8,
-                   help="default 8")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1); dp = world / (tp x pp)")
-    p.add_argument("--ds_config", help="DeepSpeed JSON: ZeRO stage, bf16/fp16, offload_param and numeric batch sizes")
-    p.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3),
-                   help="without --ds_config (default 0); with it, must agree with zero_optimization.stage")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="the backbone's dtype without --ds_config (default float32)")
-    p.add_argument("--micro_batch_size", type=int, help="default: the JSON's, else 1")
-    p.add_argument("--global_batch_size", type=int, help="default: the JSON's, else micro x dp")
-    p.add_argument("--seq_len", type=int, help="tokens per sample, prompt included (default: the model's positions)")
-    p.add_argument("--n_prompt", type=int, default=6, help="prompt tokens (default 6)")
-    p.add_argument("--encoder", default="lstm", choices=("lstm", "mlp", "embedding"))
-    p.add_argument("--gpu_mem_gb", type=float, default=80.0,
-                   help="GPU memory in GiB (default 80: an '80 GB' A100/H100 has 80 GiB)")
-    p.add_argument("--reserve_gb", type=float, default=2.0,
-                   help="GiB kept for what the model leaves out: CUDA context, NCCL buffers, allocator (default 2)")
-    p.add_argument("--activation_checkpointing", nargs="?", const="true", default="false", choices=("true", "false"),
-                   help="plan the step with full activation checkpointing (both are printed)")
-    return p
-
-
-def plan_main(argv=None) -> int:
-    args = parser().parse_args(argv)
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="ptuning-plan", description="A TP x PP x DP layout's per-rank memory, "
+                                 "communication per step and verdict, without any GPU. Exit 0: fits, 1: does not "
+                                 "fit, 2: does not divide or bad input.")
+    own = cli_args.add_fields(ap, PlanArgs)
+    ns = ap.parse_args(argv)
     try:
+        args = cli_args.build(PlanArgs, ns, own)
         name, shape = model_shape(args.model)
         kw = settings(args)
         accum = kw.pop("accumulation")
@@ -172,7 +186,7 @@ def plan_main(argv=None) -> int:
             raise ConfigError("--gpu_mem_gb must be > 0 and --reserve_gb in [0, --gpu_mem_gb)")
         p = plan(shape, args.nodes, args.gpus_per_node, args.tp, args.pp, seq_len=args.seq_len, n_prompt=args.n_prompt,
                  encoder=args.encoder, gpu_mem_bytes=int(args.gpu_mem_gb * GiB),
-                 reserve_bytes=int(args.reserve_gb * GiB), checkpointing=args.activation_checkpointing == "true",
+                 reserve_bytes=int(args.reserve_gb * GiB), checkpointing=args.activation_checkpointing,
                  name=name, **kw)
         if accum is not None and accum != p.micro_batches:
             raise ConfigError(f"--ds_config {args.ds_config}: gradient_accumulation_steps = {accum} contradicts global "

@@ -1,0 +1,48 @@
+"""``ptuning-export`` (``launchers/export.py``): re-export the prompt table from a training output
+directory's encoder weights, in one process, however the run was parallelised."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from ptuning_dist.cli import args as cli_args
+from ptuning_dist.cli.common import run
+
+DESCRIPTION = ("Re-export the prompt table from a training output directory's encoder weights, in one "
+               "process.")
+
+
+@dataclass
+class ExportArgs:
+    run_dir: str
+    """A training --output_dir (it holds run_config.json and encoder.safetensors)."""
+    out: str | None = None
+    """The output directory (default: <run_dir>/prompt_table)."""
+
+
+def main(argv=None) -> int:
+    def go():
+        from ptuning_dist.config import from_dict, load_file
+        from ptuning_dist.prompt.encoder import PromptEncoder
+        from ptuning_dist.prompt.export import ENCODER_FILE, load_encoder, save_table
+        from ptuning_dist.train.build import build_run
+
+        p = argparse.ArgumentParser(prog="ptuning-export", description=DESCRIPTION)
+        own = cli_args.add_fields(p, ExportArgs)
+        args = cli_args.build(ExportArgs, p.parse_args(argv), own)
+        run_dir = Path(args.run_dir)
+        cfg = from_dict(load_file(run_dir / "run_config.json"))
+        # one process reads the backbone for its hidden size and fingerprint: however the run was
+        # parallelised (megatron TP/PP, ZeRO), the HF model at the same path is the same backbone
+        cfg.model.backend, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ds_config = "hf", 1, 1, None
+        run_ = build_run(cfg, device=None)
+        enc = PromptEncoder(cfg.prompt.encoder, run_.template.n_prompt, run_.backbone.hidden_size)
+        load_encoder(run_dir / ENCODER_FILE, enc)
+        out = save_table(args.out or run_dir / "prompt_table", enc.export_table(), template=run_.template.text,
+                         backbone_path=str(run_.model_path), backbone_hash=run_.backbone_hash,
+                         tokenizer=str(run_.model_path), vocab_size=run_.tok.vocab_size,
+                         extra={"task": cfg.data.task, "encoder": cfg.prompt.encoder})
+        print(f"prompt table -> {out}")
+
+    return run(go)
