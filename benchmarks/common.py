@@ -51,3 +51,23 @@ def write_section(begin: str, end: str, body: list[str]) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
     RESULTS.write_text(text)
+
+
+def observed_recipe(hooks):
+    """The training recipe with two observation points: ``hooks.after_setup(model, encoder, engine)``
+    once it is parallelized (before the optimizer and resume) and ``hooks.after_backward(step,
+    encoder)`` where a step's encoder gradients are final (before clipping and the update)."""
+    from ptuning_dist.train.recipe import PTuningRecipe
+
+    class Observed(PTuningRecipe):
+        def parallelize(self):
+            super().parallelize()
+            if hasattr(hooks, "after_setup"):
+                hooks.after_setup(self.model, self.encoder, self.par.engine)
+
+        def optimizer_step(self, step):
+            if hasattr(hooks, "after_backward"):
+                hooks.after_backward(step, self.encoder)
+            super().optimizer_step(step)
+
+    return Observed

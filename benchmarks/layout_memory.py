@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/layout_memory.py            # writes its section of benchmarks/RESULTS.md
     .venv/bin/python benchmarks/layout_memory.py --quick    # a tiny model, two layouts (smoke test)
 
-Why: ``ptuning_dist/parallel/memory.py`` predicts every rank's memory from the model's shape (and
+Why: ``ptuning_dist/planning/memory.py`` predicts every rank's memory from the model's shape (and
 will size 20B-530B layouts in the dry-run planner); this checks it on real runs. Each layout runs
 the real training loop under ``torchrun`` with this file as the worker. Each rank records:
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import build_backbone, machine, parse_args, write_section  # noqa: E402 - benchmarks/common.py
+from common import build_backbone, machine, observed_recipe, parse_args, write_section  # noqa: E402
 BEGIN, END = "<!-- layout_memory:begin -->", "<!-- layout_memory:end -->"
 MICRO, ACCUM = 8, 2  # micro-batches per step per DP rank: two, so a pipeline has something to overlap
 
@@ -47,8 +47,8 @@ LAYOUTS = [
     ("tp1 pp2 dp2, fsdp2", 4, ["--pp", "2", "--fsdp2", "true"]),
 ]
 # One thread per rank (2 cores here). glibc's mmap threshold pinned at 1 MiB from process start: what
-# PTUNING_HOST_MALLOC=mmap sets before the model loads, here also before the runtime baseline is read.
-ENV = {"OMP_NUM_THREADS": "1", "PTUNING_HOST_MALLOC": "mmap", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+# --host_malloc mmap sets before the model loads, here also before the runtime baseline is read.
+ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 def _status(key: str) -> int:
@@ -73,13 +73,13 @@ def worker(args) -> None:
     from megatron.core.models.gpt import GPTModel  # noqa: F401
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: F401
 
-    from ptuning_dist.cli import TRAIN_FLAGS, _quiet_libraries, parse_run_config
+    from ptuning_dist.cli.common import quiet_libraries
+    from ptuning_dist.cli.train import parse
     from ptuning_dist.parallel import launch
     from ptuning_dist.parallel.zero import partition_sizes
-    from ptuning_dist.train.loop import train
 
-    _quiet_libraries()
-    cfg, _ = parse_run_config(args.rest, TRAIN_FLAGS, "layout_memory")
+    quiet_libraries()
+    cfg = parse(args.rest)
     D = launch.init(need_group=True, timeout_s=cfg.parallel.dist_timeout_s)  # train() reuses both
     launch.init_model_parallel(cfg.parallel.tp, cfg.parallel.pp)
     D.barrier()
@@ -110,7 +110,7 @@ def worker(args) -> None:
             rec["step_peak"] = _status("VmHWM")  # the last step's: after every earlier optimizer step
             rec["rss_parts"][f"step{step}"] = [_status("RssAnon"), _status("RssFile")]
 
-    train(cfg, log=lambda *a: None, hooks=Hooks())
+    observed_recipe(Hooks())(cfg, log=lambda *a: None).run()
     Path(args.record, f"rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(rec))
 
 
@@ -133,7 +133,7 @@ def run_layout(model: Path, tmp: Path, name: str, world: int, flags: list[str], 
            str(free_port()), __file__, "--worker", "--record", str(rec_dir), "--model", str(model),
            "--backend", "megatron", *flags, "--output_dir", str(rec_dir / "out"), "--max_steps", str(steps),
            "--micro_batch_size", str(MICRO), "--global_batch_size", str(MICRO * ACCUM * dp),
-           "--log_every", str(steps)]
+           "--log_every", str(steps), "--host_malloc", "mmap"]
     p = subprocess.run(cmd, env={**os.environ, **ENV}, cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"{name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -143,7 +143,8 @@ def run_layout(model: Path, tmp: Path, name: str, world: int, flags: list[str], 
 def predict(model: Path, world: int, flags: list[str], recs: list[dict]) -> tuple[list, list[bool]]:
     """``layout_memory`` for this run, and per rank whether its recorded partitions equal
     ``predicted_partitions`` name by name (the rank coordinates are asserted)."""
-    from ptuning_dist.parallel.memory import ModelShape, layout_memory, predicted_partitions, rank_coords
+    from ptuning_dist.planning.memory import layout_memory, predicted_partitions, rank_coords
+    from ptuning_dist.planning.shape import ModelShape
 
     tp, pp, dp, partitioning = _layout(world, flags)
     shape = ModelShape.from_hf_config(model)
@@ -162,11 +163,11 @@ def importer_retained(model: Path, tp: int) -> tuple[int, int]:
     not own): what the importer holds at its peak beyond the memory model's count."""
     from transformers import AutoModelForCausalLM
 
-    from ptuning_dist.backbone.megatron_import import gpt2_to_megatron
+    from ptuning_dist.backbone.families.gpt2 import GPT2
 
     hf = AutoModelForCausalLM.from_pretrained(str(model))
     state = hf.state_dict()
-    shard = gpt2_to_megatron(state, hf.config, tp, 0)
+    shard = GPT2.to_megatron(state, hf.config, tp, 0)
     hf_storage = {v.untyped_storage().data_ptr() for v in state.values()}
     storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in shard.values()}
     return (sum(v.numel() * v.element_size() for v in shard.values()),
@@ -277,7 +278,7 @@ def _write_section(tables: tuple[list[str], list[str]], notes: list[str], steps:
             f"encoder, micro batch {MICRO} x {ACCUM} micro-batches per step per DP rank, {steps} steps, "
             + ", ".join(f"`{k}={v}`" for k, v in ENV.items()) + ". Wall time per layout (both models): "
             + "; ".join(f"{k}: {v:.0f} s" for k, v in seconds.items()) + ".", "",
-            "Predicted = a runtime + `ptuning_dist.parallel.memory.layout_memory` for the rank. Step peak: frozen "
+            "Predicted = a runtime + `ptuning_dist.planning.memory.layout_memory` for the rank. Step peak: frozen "
             "held + encoder and AdamW + activations + FSDP2/ZeRO-3 gathers, against `VmHWM` reset after set-up and read "
             "after the last backward. Set-up peak: the importer's load peak, against `VmHWM` at the end of set-up. "
             "Runtime A: the rank's own RSS after importing everything and starting its process groups, before "

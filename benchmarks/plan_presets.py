@@ -5,7 +5,7 @@
 Each row is ``ptuning_dist.parallel.planner.plan`` for one layout: bf16 backbone, micro batch 1,
 sequence length 2048 (GPT-2 XL: its 1024 positions), 6 prompt tokens, 80 GiB GPUs with 2 GiB kept
 for the runtime (launchers/plan.py's default). The memory model behind it is checked against
-measured runs of small models on this machine (tests/test_planner.py::test_planner_matches_measured_runs).
+measured runs of small models on this machine (tests/e2e/test_planner_measured.py).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import write_section  # noqa: E402 - benchmarks/common.py
 
-from ptuning_dist.parallel.planner import PRESETS, GiB, plan  # noqa: E402
+from ptuning_dist.planning.planner import PRESETS, GiB, plan  # noqa: E402
 
 BEGIN, END = "<!-- plan_presets:begin -->", "<!-- plan_presets:end -->"
 # (preset, nodes, tp, pp, global batch, ZeRO stage, encoder); 8 GPUs a node
@@ -73,9 +73,9 @@ def main() -> None:
     body = ["## Dry-run plans of the preset models (predictions, not measurements)", "",
             "Command: `.venv/bin/python benchmarks/plan_presets.py` (each row is also "
             "`.venv/bin/python launchers/plan.py ...` with the flags listed below the table).", "",
-            f"Every number is the planner's prediction (`ptuning_dist/parallel/planner.py` over the memory model "
-            f"`ptuning_dist/parallel/memory.py`), not a measurement: no GPU was used. What is validated: "
-            f"`tests/test_planner.py::test_planner_matches_measured_runs` runs three small layouts on this CPU "
+            f"Every number is the planner's prediction (`ptuning_dist/planning/planner.py` over the memory model "
+            f"`ptuning_dist/planning/memory.py`), not a measurement: no GPU was used. What is validated: "
+            f"`tests/e2e/test_planner_measured.py` runs three small layouts on this CPU "
             f"machine (a 12 x 768 GPT-2, fp32; tp2 x dp2 ZeRO-3, pp2 x dp2 ZeRO-3, tp2 x pp2) and finds every "
             f"rank's step and set-up peak within 10% of the planner's (0.95-1.07 when written), the runtime "
             f"measured on a 2 x 64 model as in `benchmarks/layout_memory.py`; there the model's own terms are "
@@ -93,11 +93,11 @@ def main() -> None:
 
 def _notes() -> list[str]:
     """The reading, computed from the model (so it stays true if the presets or the model change)."""
-    from ptuning_dist.prompt.encoder import PromptEncoder
+    from ptuning_dist.prompt.encoder import num_params
 
     big = PRESETS["gpt-530b"]
-    n_lstm = PromptEncoder.expected_num_params("lstm", 6, big.hidden)
-    n_mlp = PromptEncoder.expected_num_params("mlp", 6, big.hidden)
+    n_lstm = num_params("lstm", 6, big.hidden)
+    n_mlp = num_params("mlp", 6, big.hidden)
     kw = dict(zero_stage=3, dtype_bytes=2, micro_batch=MICRO, global_batch=1920, seq_len=SEQ, encoder="mlp",
               checkpointing=True)
     z3, z0 = plan(big, 280, GPUS, 8, 35, **kw), plan(big, 280, GPUS, 8, 35, **{**kw, "zero_stage": 0})

@@ -111,7 +111,7 @@ FUSED_ONLY = False
 def main() -> None:
     args = parse_args(__doc__, 10, "small shapes, 3 repeats")
     from ptuning_dist.ops.splice import splice_reference
-    from ptuning_dist.ops.splice_op import slot_map, splice
+    from ptuning_dist.ops.splice import slot_map, splice
 
     B, S, H, M, V, T = (2, 64, 256, 20, 5000, 128) if args.quick else (8, 512, 4096, 20, 50_000, 1024)
     repeats = 3 if args.quick else args.steps

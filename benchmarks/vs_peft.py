@@ -19,7 +19,7 @@ global and micro batch, AdamW, lr schedule and clipping. Two jobs:
 
 Two layouts: one process (2 threads) and 2 ranks under DeepSpeed ZeRO-3 (``deepspeed --num_gpus 2``,
 1 thread per rank, ``ds_configs/zero3.json`` for both). Systems (``SYSTEMS``): ours as shipped
-(packed micro-batches), ours with packing off, ours with ``PTUNING_HOST_MALLOC=off`` (ZeRO-3), PEFT. Each repeat runs every system once, each run a fresh process, the order
+(packed micro-batches), ours with packing off, ours with ``--host_malloc off`` (ZeRO-3), PEFT. Each repeat runs every system once, each run a fresh process, the order
 reversed every other repeat; step rates leave out the first two steps. Profiles (torch.profiler,
 one step) and the matmul rate come from the same run.
 
@@ -28,7 +28,7 @@ compute the same loss (within 1e-5), the encoders started from the same weights 
 table, packed and padded batches give the same loss, the real runs' losses agree step by step
 where both score the full vocabulary (and ours packed with ours padded), and both
 lower the loss over a few full-batch steps. It prints one ``CHECK <name> ok=<bool> ...`` line per
-check (tests/test_vs_peft.py reads them) and exits 1 if any fails.
+check (tests/e2e/test_vs_peft.py reads them) and exits 1 if any fails.
 """
 from __future__ import annotations
 
@@ -58,11 +58,11 @@ TEMPLATES = {"lama": f"[P*{M}] {{sub_label}} [MASK]",
              "rte": f"[P*{M}] {{premise}} Question: {{hypothesis}} ? Answer: [MASK]"}
 # name -> (worker, environment, flags). "ours" is the product as shipped (packed forwards, the host
 # heap's auto mode); "ours-padded" turns packing off (what packing buys); "ours+off"/"ours+mmap" are
-# ours with the other PTUNING_HOST_MALLOC modes, which differ from auto only under ZeRO-3.
+# ours with the other --host_malloc modes, which differ from auto only under ZeRO-3.
 SYSTEMS = {"ours": ("ours", {}, []),
            "ours-padded": ("ours", {}, ["--packing", "off"]),
-           "ours+off": ("ours", {"PTUNING_HOST_MALLOC": "off"}, []),
-           "ours+mmap": ("ours", {"PTUNING_HOST_MALLOC": "mmap"}, []),
+           "ours+off": ("ours", {}, ["--host_malloc", "off"]),
+           "ours+mmap": ("ours", {}, ["--host_malloc", "mmap"]),
            "peft": ("peft", {}, [])}
 ONLY_ON = {"ours+off": "zero3", "ours+mmap": "zero3"}  # auto: off in one process, trim under ZeRO-3
 VOCAB = 50257
@@ -341,7 +341,7 @@ def report(args, configs, systems, runs, rates, fair, profiles, N, warmup, wall)
            "prefix computed once per packed row, several rows per row, no padding; `data.packing`), the host heap's "
            "`auto` mode (glibc's defaults in one process, `malloc_trim` after each step under ZeRO-3); **ours-padded** = "
            "the same with `--packing off` (rows padded to their micro-batch's longest, `micro_batch_size` rows per "
-           "forward); **ours+off** and **ours+mmap** (ZeRO-3 only) = ours with `PTUNING_HOST_MALLOC=off` (glibc's "
+           "forward); **ours+off** and **ours+mmap** (ZeRO-3 only) = ours with `--host_malloc off` (glibc's "
            "defaults: faster, more memory) or `mmap` (the 1 MiB mmap threshold: leanest, slowest). "
            f"{args.repeats} repeats; in each, every system runs once as a fresh process, the order reversed every "
            f"other repeat. Steps/s over steps 3..N (LAMA N = {args.steps_lama}, RTE N = {args.steps_rte}); peak RSS "

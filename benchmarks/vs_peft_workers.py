@@ -6,9 +6,10 @@
     python benchmarks/vs_peft_workers.py matmul --threads 2 --rows 512
     python benchmarks/vs_peft_workers.py fairness --model DIR --record FILE
 
-Both systems read the same run config (``parse_run_config`` over train.py's flags), so they get
+Both systems read the same run config (``ptuning_dist.cli.train.parse`` over train.py's flags), so they get
 the same backbone, rows, sample order, global and micro batch, lr schedule, clipping and prompt
-length. ``ours`` is ``ptuning_dist.train.loop.train`` itself, observed through its hooks;
+length. ``ours`` is the training recipe itself (``ptuning_dist.train.recipe``), observed by
+overriding four of its stages (collate, hold, parallelize, optimizer_step);
 ``peft`` is Hugging Face PEFT's ``P_TUNING`` (``PromptEncoder`` with
 ``encoder_reparameterization_type="LSTM"``) on ``AutoModelForCausalLM``: one process with a torch
 AdamW loop (the same optimizer as ours, unfused: the HF Trainer would pick torch's fused AdamW,
@@ -359,38 +360,14 @@ class _Done(Exception):
 
 
 def run_ours(args, cfg) -> None:
-    from ptuning_dist.cli import _quiet_libraries
-    from ptuning_dist.train import loop
+    from common import observed_recipe
 
-    _quiet_libraries()
+    from ptuning_dist.cli.common import quiet_libraries
+
+    quiet_libraries()
     rec = new_record(args, "ours")
     cfg.train.max_steps = args.steps + 1  # the hook stops the run after step N+1's backward: N full periods
     state = {"last": None, "prof": None, "lab": None, "step_tokens": [0, 0]}
-    collate = loop.collate
-
-    def counting_collate(rows, *a, **k):  # trained tokens (prompt included) and padded positions per step
-        with torch.autograd.profiler.record_function("L:data"):
-            b = collate(rows, *a, **k)
-        state["step_tokens"][0] += b.n_tokens
-        state["step_tokens"][1] += b.ids_BS.numel()
-        return b
-    loop.collate = counting_collate
-    if args.profile_step:  # ZeRO-3: the step's gather of the embedding and head (held_for_step), entered and left
-        hold = loop.held_for_step
-
-        @contextlib.contextmanager
-        def labelled_hold(*a, **k):
-            cm = hold(*a, **k)
-            # entering gathers the embedding table and head (a synchronous all-gather: cProfile puts
-            # nearly all of it in c10d's wait); leaving re-partitions them
-            with torch.autograd.profiler.record_function("L:communication"):
-                cm.__enter__()
-            try:
-                yield
-            finally:
-                with torch.autograd.profiler.record_function("L:zero3"):
-                    cm.__exit__(None, None, None)
-        loop.held_for_step = labelled_hold
 
     class Hooks:
         def after_setup(self, model, encoder, engine):
@@ -429,8 +406,38 @@ def run_ours(args, cfg) -> None:
                 raise _Done()
             state["last"] = time.perf_counter()
 
+    hooks = Hooks()
+
+    class Observed(observed_recipe(hooks)):
+        """The recipe as shipped, observed at four of its stages (after set-up, the optimizer step and,
+        here, each forward's collation and the step's hold)."""
+
+        def collate(self, rows, seq_len):  # trained tokens (prompt included) and padded positions per step
+            with torch.autograd.profiler.record_function("L:data"):
+                b = super().collate(rows, seq_len)
+            state["step_tokens"][0] += b.n_tokens
+            state["step_tokens"][1] += b.ids_BS.numel()
+            return b
+
+        @contextlib.contextmanager
+        def hold(self):  # ZeRO-3: the step's gather of the embedding and head, entered and left
+            cm = super().hold()
+            if not args.profile_step:
+                with cm:
+                    yield
+                return
+            # entering gathers the embedding table and head (a synchronous all-gather: cProfile puts
+            # nearly all of it in c10d's wait); leaving re-partitions them
+            with torch.autograd.profiler.record_function("L:communication"):
+                cm.__enter__()
+            try:
+                yield
+            finally:
+                with torch.autograd.profiler.record_function("L:zero3"):
+                    cm.__exit__(None, None, None)
+
     try:
-        loop.train(cfg, log=lambda *a, **k: None, hooks=Hooks())
+        Observed(cfg, log=lambda *a, **k: None).run()
     except _Done:
         pass
     metrics = Path(cfg.train.output_dir) / "metrics.jsonl"
@@ -443,11 +450,11 @@ def run_ours(args, cfg) -> None:
 
 
 def run_peft(args, cfg) -> None:
-    from ptuning_dist.cli import _quiet_libraries
+    from ptuning_dist.cli.common import quiet_libraries
     from ptuning_dist.data.collate import SampleStream
-    from ptuning_dist.train.loop import lr_lambda
+    from ptuning_dist.train.recipe import lr_lambda
 
-    _quiet_libraries()
+    quiet_libraries()
     rec = new_record(args, "peft")
     cfg.train.max_steps = args.steps + 1  # the same lr schedule as ours (run_ours)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -457,7 +464,7 @@ def run_peft(args, cfg) -> None:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        from ptuning_dist.parallel.launch import unlink_deepspeed_shm
+        from ptuning_dist.compat.deepspeed_shm import unlink_deepspeed_shm
 
         deepspeed.init_distributed(dist_backend="gloo")
         unlink_deepspeed_shm()  # not a PEFT cost: DeepSpeed's CPU comm op would leave 66 MiB per rank in /dev/shm
@@ -583,13 +590,14 @@ def fairness(model_dir: str, cfg_argv: list[str]) -> dict:
     import torch.nn.functional as F
 
     from ptuning_dist.backbone.hf import HFBackbone
-    from ptuning_dist.cli import TRAIN_FLAGS, _quiet_libraries, parse_run_config
+    from ptuning_dist.cli.common import quiet_libraries
+    from ptuning_dist.cli.train import parse
     from ptuning_dist.data.collate import Example, collate
     from ptuning_dist.model import PTuningModel
     from ptuning_dist.prompt.encoder import PromptTable
 
-    _quiet_libraries()
-    cfg, _ = parse_run_config(cfg_argv, TRAIN_FLAGS, "vs_peft fairness")
+    quiet_libraries()
+    cfg = parse(cfg_argv)
     tok, template, ex = lama_like_rows(cfg)
     m = template.n_prompt
     rows = ex[: cfg.train.micro_batch_size]
@@ -605,7 +613,7 @@ def fairness(model_dir: str, cfg_argv: list[str]) -> dict:
         loss_ours = ours.loss(batch).item()
         loss_ours_padded = ours.loss(padded).item()
         loss_ours_ref = F.cross_entropy(PTuningModel(backbone, PromptTable(table), None, "reference").logits(batch),
-                                        batch.label_B).item()
+                                        batch.label_E).item()
 
     pm = build_peft_model(model_dir, m, cfg.train.seed)
     pm.eval()
@@ -648,9 +656,9 @@ def main() -> None:
         res = fairness(rest[rest.index("--model") + 1], rest)
         Path(args.record).write_text(json.dumps(res))
         return
-    from ptuning_dist.cli import TRAIN_FLAGS, parse_run_config
+    from ptuning_dist.cli.train import parse
 
-    cfg, _ = parse_run_config(rest, TRAIN_FLAGS, f"vs_peft {system}")
+    cfg = parse(rest)
     {"ours": run_ours, "peft": run_peft}[system](args, cfg)
 
 

@@ -22,16 +22,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import build_backbone, machine, parse_args, write_section  # noqa: E402 - benchmarks/common.py
+from common import build_backbone, machine, observed_recipe, parse_args, write_section  # noqa: E402
 BEGIN, END = "<!-- zero_memory:begin -->", "<!-- zero_memory:end -->"
 
 
 def worker(args) -> None:
-    from ptuning_dist.cli import TRAIN_FLAGS, _quiet_libraries, parse_run_config
-    from ptuning_dist.train.loop import train
+    from ptuning_dist.cli.common import quiet_libraries
+    from ptuning_dist.cli.train import parse
 
-    _quiet_libraries()
-    cfg, _ = parse_run_config(args.rest, TRAIN_FLAGS, "zero_memory")
+    quiet_libraries()
+    cfg = parse(args.rest)
     rec = {"step_times": []}
     last = [None]
 
@@ -53,7 +53,7 @@ def worker(args) -> None:
             rec["rss_last_step"] = _rss_now()
             last[0] = now
 
-    train(cfg, log=lambda *a: None, hooks=Hooks())
+    observed_recipe(Hooks())(cfg, log=lambda *a: None).run()
     rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     Path(args.record, f"rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(rec))
 
@@ -82,15 +82,15 @@ def main() -> None:
                    *(["--fsdp2", "true"] if name == "fsdp2" else ["--ds_config", str(ROOT / "ds_configs" / f"{name}.json")]),
                    "--output_dir", str(rec_dir / "out"),
                    "--max_steps", str(steps), "--micro_batch_size", "8", "--global_batch_size", "16",
-                   "--log_every", str(steps)]
-            env = dict(os.environ, OMP_NUM_THREADS="1", PTUNING_HOST_MALLOC=malloc)
+                   "--log_every", str(steps), "--host_malloc", malloc]
+            env = dict(os.environ, OMP_NUM_THREADS="1")
             subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
             for r in (0, 1):
                 rec = json.loads((rec_dir / f"rank{r}.json").read_text())
                 times = rec["step_times"][2:] or rec["step_times"]
                 rows.append((f"{name}, {malloc}", r, rec["peak_rss_after_setup"], rec["peak_rss_bytes"], rec["rss_last_step"],
                              statistics.median(times), rec["frozen_bytes_held"], rec["frozen_bytes_full"]))
-    table = ["| config, PTUNING_HOST_MALLOC | rank | peak RSS after set-up (MiB) | peak RSS (MiB) | RSS at last step (MiB) | median step (s) "
+    table = ["| config, --host_malloc | rank | peak RSS after set-up (MiB) | peak RSS (MiB) | RSS at last step (MiB) | median step (s) "
              "| frozen weights held (MiB) | of full (MiB) |", "|---|---|---|---|---|---|---|---|"]
     table += [f"| {n} | {r} | {p0 / 2**20:.0f} | {p1 / 2**20:.0f} | {now / 2**20:.0f} | {t:.3f} | {held / 2**20:.1f} "
               f"| {full / 2**20:.1f} |" for n, r, p0, p1, now, t, held, full in rows]

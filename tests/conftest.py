@@ -118,3 +118,22 @@ def llama_reference(family_dirs, tmp_path_factory):
     run([sys.executable, WORKER, "--record", out / "rec", "--output_dir", out, "--model", family_dirs["llama"],
          "--splice", "reference", *LLAMA_RTE, *COMMON])
     return out
+
+
+# ---- tiers by folder: unit (fast), dist (2-8 gloo ranks), e2e (launcher runs), gpu (CUDA only)
+TIER_MARKS = {"dist": "dist", "e2e": "slow", "gpu": "gpu"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test is marked by its folder's tier, so ``-m "not slow and not dist"`` is tests/unit;
+    ``gpu`` tests are skipped, with the reason, where torch sees no CUDA device."""
+    import torch
+
+    here = Path(__file__).resolve().parent
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False here)")
+    for item in items:
+        tier = Path(item.fspath).resolve().relative_to(here).parts[0]
+        if tier in TIER_MARKS:
+            item.add_marker(getattr(pytest.mark, TIER_MARKS[tier]))
+        if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+            item.add_marker(no_cuda)

@@ -1,4 +1,5 @@
-"""Helpers for the multi-process tests: run the launchers and tests/dist_worker.py, read what they wrote."""
+"""Helpers for the multi-process tests: run the launchers and tests/workers/dist_worker.py, read what
+they wrote."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import torch
 from ptuning_dist.parallel.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "dist_worker.py"
+WORKER = ROOT / "tests" / "workers" / "dist_worker.py"
 TRAIN = ROOT / "launchers" / "train.py"
 BIN = Path(sys.executable).parent
 
@@ -67,8 +68,9 @@ def assert_matches_reference(reference: Path, out: Path, ranks=(0,), steps=(1, 3
 def assert_partitions_predicted(out: Path, model_dir, world: int, tp: int = 1, pp: int = 1,
                                 partitioning: str = "none") -> None:
     """Every rank of a megatron run holds exactly the frozen parameters, name by name and element
-    count by element count, that the memory model (``ptuning_dist.parallel.memory``) predicts."""
-    from ptuning_dist.parallel.memory import ModelShape, predicted_partitions
+    count by element count, that the memory model (``ptuning_dist.planning.memory``) predicts."""
+    from ptuning_dist.planning.memory import predicted_partitions
+    from ptuning_dist.planning.shape import ModelShape
 
     shape, dp = ModelShape.from_hf_config(model_dir), world // (tp * pp)
     for rank in range(world):

@@ -10,12 +10,12 @@ from ptuning_dist.backbone.tiny import default_backbone
 from ptuning_dist.config import from_dict
 from ptuning_dist.data.collate import SampleStream, collate
 from ptuning_dist.errors import ConfigError
-from ptuning_dist.evaluate import predict
+from ptuning_dist.train.evaluate import predict
 from ptuning_dist.model import PTuningModel
 from ptuning_dist.prompt.encoder import PromptTable
 from ptuning_dist.prompt.export import load_table
 from ptuning_dist.train.build import build_model, build_run, examples
-from ptuning_dist.train.loop import train
+from ptuning_dist.train.recipe import train
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_training_lowers_loss_and_writes_outputs(tiny_dir, tmp_path):
 def _grads_after_one_step(tiny_dir, tmp_path, micro):
     """Encoder gradients and loss of step 1, computed as the trainer does (table cut, accumulation)."""
     cfg = cfg_for(tiny_dir, tmp_path, **{"train.micro_batch_size": micro, "train.global_batch_size": 16})
-    _, accum = cfg.check_layout(1)
+    _, accum = cfg.layout(1)
     run = build_run(cfg, torch.device("cpu"))
     ex = examples(run, "train")
     model, encoder = build_model(run, seed=7)
@@ -117,12 +117,12 @@ def test_manual_baseline_uses_relation_templates(tiny_dir, tmp_path):
 
 def test_layout_and_batch_checks():
     cfg = from_dict({}, {"train.micro_batch_size": 4, "train.global_batch_size": 16})
-    assert cfg.check_layout(1) == (1, 4)
-    assert cfg.check_layout(2) == (2, 2)
+    assert cfg.layout(1) == (1, 4)
+    assert cfg.layout(2) == (2, 2)
     with pytest.raises(ConfigError, match="train.global_batch_size"):
-        cfg.check_layout(3)
-    with pytest.raises(ConfigError, match="parallel.tp/pp"):
-        from_dict({}, {"parallel.tp": 2}).check_layout(3)
+        cfg.layout(3)
+    with pytest.raises(ConfigError, match="parallel.tp x parallel.pp = 2 x 1 = 2 does not divide the world size 3"):
+        from_dict({}, {"parallel.tp": 2}).layout(3)
     with pytest.raises(ConfigError, match="train.lrr: unknown field"):
         from_dict({"train": {"lrr": 1}})
     with pytest.raises(ConfigError, match="optim: unknown config section"):
@@ -137,7 +137,7 @@ def test_layout_and_batch_checks():
         from_dict({}, {"model.dtype": "int8"})
     assert from_dict({}, {"data.relations": "P36,P37"}).data.relations == ["P36", "P37"]
     unset = from_dict({}, {"train.micro_batch_size": 8})
-    assert unset.check_layout(2) == (2, 1) and unset.train.global_batch_size == 16
+    assert unset.layout(2) == (2, 1) and unset.train.global_batch_size == 16
 
 
 def test_bf16_backbone_keeps_fp32_encoder_and_learns(tiny_dir, tmp_path):
@@ -184,3 +184,30 @@ def test_fused_and_reference_splice_train_bit_identically(tiny_dir, tmp_path):
         weights[kind] = load_file(str(out / "encoder.safetensors"))
     assert losses["fused"] == losses["reference"] and len(losses["fused"]) == 10
     assert all(torch.equal(weights["fused"][k], w) for k, w in weights["reference"].items())
+
+
+def test_recipe_stages_run_in_order_and_can_be_observed(tiny_dir, tmp_path):
+    """The recipe's seams (what benchmarks and tests override instead of patching the module): set-up
+    in its fixed order, then per step its forwards' collation, the optimizer step (the encoder's
+    gradients final there) and the between-steps hooks, then the export and evaluation."""
+    from ptuning_dist.train.recipe import PTuningRecipe
+
+    calls = []
+
+    class Observed(PTuningRecipe):
+        def optimizer_step(self, step):
+            calls.append(("optimizer_step", step, all(p.grad is not None for p in self.encoder.parameters())))
+            super().optimizer_step(step)
+
+    for name in ("build", "parallelize", "build_optimizer", "resume", "collate", "maybe_log", "maybe_save",
+                 "maybe_eval", "finish"):
+        def observed(self, *a, _name=name, **k):
+            calls.append(_name)
+            return getattr(PTuningRecipe, _name)(self, *a, **k)
+        setattr(Observed, name, observed)
+    cfg = cfg_for(tiny_dir, tmp_path, **{"train.max_steps": 3, "train.eval_every": 2, "data.packing": "off",
+                                         "train.micro_batch_size": 8, "train.global_batch_size": 16})
+    res = Observed(cfg, log=lambda *a: None).run()
+    step = lambda k: ["collate", "collate", ("optimizer_step", k, True), "maybe_log", "maybe_save", "maybe_eval"]  # noqa: E731
+    assert calls == ["build", "parallelize", "build_optimizer", "resume", *step(1), *step(2), *step(3), "finish"]
+    assert res["step"] == 3 and json.loads((tmp_path / "eval.json").read_text())["ptuning"] == res["ptuning"]

@@ -8,8 +8,6 @@ import torch
 from distutil import (COMMON, LLAMA_RTE, ROOT, TRAIN, WORKER, assert_matches_reference, assert_partitions_predicted,
                       losses, record, run, torchrun)
 
-pytestmark = pytest.mark.dist
-
 
 @pytest.mark.parametrize("tp,pp,world", [(1, 2, 2), (1, 2, 4), (2, 2, 4)])  # PP=2; PP=2 x DP=2; TP=2 x PP=2
 def test_pipeline_matches_single_process(backbone, reference, tmp_path, tp, pp, world):
@@ -52,29 +50,3 @@ def test_megatron_recompute_bit_identical(backbone, tmp_path, layout, blocks):
         on, off = record(runs["true"], r), record(runs["false"], r)
         assert on["checkpointed_blocks"] == blocks and off["checkpointed_blocks"] == 0
         assert on["block_forwards"] == 2 * off["block_forwards"] > 0, (on["block_forwards"], off["block_forwards"])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", [["--tp", 2], ["--pp", 2]])
-def test_launcher_model_parallel_checkpoint_and_exact_resume(backbone, tmp_path, layout):
-    """train.py at TP=2 or PP=2: runs, evaluates, exports, checkpoints; a run killed after its
-    step-3 checkpoint resumes to the same losses bit for bit."""
-    flags = ["--model", backbone, "--backend", "megatron", *layout, "--max_steps", 6, "--micro_batch_size", 4,
-             "--global_batch_size", 8, "--log_every", 1, "--save_every", 3]
-    full = tmp_path / "full"
-    torchrun(2, TRAIN, *flags, "--output_dir", full)
-    assert (full / "prompt_table" / "prompt_table.safetensors").is_file() and (full / "eval.json").is_file()
-    # export.py re-exports a megatron run's table in one plain process: the same table as training's
-    run([sys.executable, ROOT / "launchers" / "export.py", "--run_dir", full, "--out", tmp_path / "re"])
-    from ptuning_dist.prompt.export import load_table
-
-    assert torch.equal(load_table(tmp_path / "re")[0], load_table(full / "prompt_table")[0])
-    cut = tmp_path / "cut"
-    p = torchrun(2, TRAIN, *flags, "--output_dir", cut, ok=False, extra_env={"PTUNING_FAULT": "1:step:5"})
-    assert p.returncode != 0
-    assert sorted(x.name for x in (cut / "checkpoints").iterdir()) == ["step_00000003"]
-    p = torchrun(2, TRAIN, *flags, "--output_dir", cut, "--resume", "auto")
-    assert "resumed from" in p.stdout + p.stderr
-    assert losses(cut) == losses(full)
-    state = torch.load(full / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
-    assert len(state["rng"]) == 2 and state["samples"] == 6 * 8

@@ -49,8 +49,8 @@ def test_forward_equals_hf_and_head_at_targets(family_dirs, family):
     with torch.no_grad():
         full = hf_logits(hf, bb, batch, table)  # B x S x V
         ours = model.logits(batch, table)  # B x V, only at the target positions
-    at_target = full[torch.arange(3), batch.target_pos_B]
-    assert batch.target_pos_B.tolist() == [8, 5, 3]  # the last real token of each row
+    at_target = full[torch.arange(3), batch.target_pos_E]
+    assert batch.target_pos_E.tolist() == [8, 5, 3]  # the last real token of each row
     torch.testing.assert_close(ours, at_target, rtol=1e-5, atol=1e-5)
     cands = torch.tensor([7, 3, 11, 5])
     with torch.no_grad():
@@ -70,12 +70,12 @@ def test_loss_position_is_the_scored_position(family_dirs, family):
         full = hf_logits(hf, bb, batch, table)
         loss = model.loss(batch, table)
         rows = torch.arange(3)
-        want = F.cross_entropy(full[rows, batch.target_pos_B], batch.label_B)
-        shifted = F.cross_entropy(full[rows, batch.target_pos_B - 1], batch.label_B)  # the original code's L-2
+        want = F.cross_entropy(full[rows, batch.target_pos_E], batch.label_E)
+        shifted = F.cross_entropy(full[rows, batch.target_pos_E - 1], batch.label_E)  # the original code's L-2
         preds = model.logits(batch, table).argmax(-1)
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
     assert abs(loss - shifted) > 1e-3
-    assert torch.equal(preds, full[rows, batch.target_pos_B].argmax(-1))
+    assert torch.equal(preds, full[rows, batch.target_pos_E].argmax(-1))
 
 
 def test_encoder_gets_gradient_through_frozen_backbone(family_dirs):

@@ -1,7 +1,7 @@
 """Under torchrun with N ranks as one TP group: the fused splice composed for sequence parallelism,
 against the unsharded op on the same inputs. Prints SP_OK on success (every rank asserts).
 
-    torchrun --nproc_per_node 2 tests/splice_sp_worker.py
+    torchrun --nproc_per_node 2 tests/workers/splice_sp_worker.py
 
 Megatron-core's sequence-parallel layers need Transformer Engine or Apex, so training cannot run
 SP on this CPU; this checks the two ways the op serves it, with the real collectives:
@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_reduce, reduce_scatter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ptuning_dist.ops.splice_op import slot_map, splice  # noqa: E402
+from ptuning_dist.ops.splice import slot_map, splice  # noqa: E402
 
 
 def main():

@@ -1,7 +1,9 @@
-"""Runs ptuning_dist.train.loop.train() as the launcher does, plus records for the tests:
-partition sizes after set-up, encoder gradients at chosen steps, the final encoder, per rank.
+"""Runs the training recipe as the launcher does, plus records for the tests: partition sizes after
+set-up, encoder gradients at chosen steps, the final encoder, per rank. It observes the recipe by
+overriding two of its stages (after ``parallelize``; ``optimizer_step``, where the encoder's
+gradients are final), and DeepSpeed by wrapping two of its methods.
 
-    torchrun --nproc_per_node 2 tests/dist_worker.py --record DIR --grad_steps 1,3 <train.py flags>
+    torchrun --nproc_per_node 2 tests/workers/dist_worker.py --record DIR --grad_steps 1,3 <train.py flags>
 """
 import argparse
 import os
@@ -10,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ptuning_dist.cli import TRAIN_FLAGS, _quiet_libraries, parse_run_config  # noqa: E402
+from ptuning_dist.cli.common import quiet_libraries  # noqa: E402
+from ptuning_dist.cli.train import parse  # noqa: E402
 from ptuning_dist.parallel.zero import partition_sizes  # noqa: E402
-from ptuning_dist.train.loop import train  # noqa: E402
+from ptuning_dist.train.recipe import PTuningRecipe  # noqa: E402
 
 
 BLOCKS = ("GPT2Block", "LlamaDecoderLayer", "GPTNeoXLayer", "TransformerLayer")  # HF families, megatron
@@ -25,11 +28,19 @@ def main():
     pre.add_argument("--record", required=True)
     pre.add_argument("--grad_steps", default="1,3")
     mine, rest = pre.parse_known_args()
-    cfg, _ = parse_run_config(rest, TRAIN_FLAGS, "dist_worker")
+    cfg = parse(rest)
     grad_steps = {int(s) for s in mine.grad_steps.split(",") if s}
     rec = {"grads": {}, "params": {}}
 
-    class Hooks:
+    class Recorded(PTuningRecipe):
+        def parallelize(self):
+            super().parallelize()
+            self.after_setup(self.model, self.encoder, self.par.engine)
+
+        def optimizer_step(self, step):
+            self.after_backward(step, self.encoder)
+            super().optimizer_step(step)
+
         def after_setup(self, model, encoder, engine):
             rec["partitions"] = partition_sizes(model.frozen)
             rec["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -52,23 +63,23 @@ def main():
                 leftovers = engine.optimizer.release_backward_leftovers
                 rec["gathered_before_release"] = []
                 # the weights FrozenLM's own forward gathers (embeddings, head, returned biases)
-                rec["directly_read_numel"] = sum(p.ds_numel for p in model.backbone.directly_read_parameters())
+                rec["external_numel"] = sum(p.ds_numel for p in model.backbone.external_weights())
 
-                held = {id(p) for p in model.backbone.directly_read_parameters()}
+                held = {id(p) for p in model.backbone.external_weights()}
                 rec["layers_gathered_before_release"] = []
 
-                def observed():  # inside the step's hold: the directly read weights are gathered on purpose
+                def observed():  # inside the step's hold: the external weights are gathered on purpose
                     rec["gathered_before_release"].append(sum(p.data.numel() for p in model.frozen.parameters()))
                     rec["layers_gathered_before_release"].append(
                         sum(p.data.numel() for p in model.frozen.parameters() if id(p) not in held))
                     leftovers()
                 engine.optimizer.release_backward_leftovers = observed
-                # how often each directly read weight (embedding table, head, ...) is gathered per step:
+                # how often each external weight (embedding table, head, ...) is gathered per step:
                 # counted as its releases (AVAILABLE -> partitioned), which every gather ends with
                 from deepspeed.runtime.zero.partition_parameters import Init, ZeroParamStatus
 
                 names = {id(p): n for n, p in model.frozen.named_parameters()}
-                watched = {id(p) for p in model.backbone.directly_read_parameters()}
+                watched = {id(p) for p in model.backbone.external_weights()}
                 rec["_releases"], rec["gathers"] = {}, {}
                 partition = Init._partition
 
@@ -82,7 +93,7 @@ def main():
             rec["encoder_init"] = {} if encoder is None else {k: v.clone() for k, v in encoder.state_dict().items()}
 
         def after_backward(self, step, encoder):
-            if "_releases" in rec:  # ZeRO-3: the gathers of the directly read weights in this step
+            if "_releases" in rec:  # ZeRO-3: the gathers of the external weights in this step
                 rec["gathers"][step] = dict(rec["_releases"])
                 rec["_releases"].clear()
             if step in grad_steps:
@@ -99,8 +110,8 @@ def main():
                 rec.setdefault("not_dtensor", {})[step] = sum(not hasattr(p, "to_local")
                                                               for p in rec["_frozen"].parameters())
 
-    _quiet_libraries()
-    train(cfg, log=lambda *a: None, hooks=Hooks())
+    quiet_libraries()
+    Recorded(cfg, log=lambda *a: None).run()
     rank = int(os.environ.get("RANK", 0))
     out = Path(mine.record)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Under torchrun with TP = world size: the imported megatron GPT-2 on the same input embeddings
 as Hugging Face's own model; rank 0 writes the largest logit difference at the target positions.
 
-    torchrun --nproc_per_node 2 tests/megatron_worker.py HF_DIR OUT.json
+    torchrun --nproc_per_node 2 tests/workers/megatron_worker.py HF_DIR OUT.json
 """
 import json
 import sys
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def _wrong_mapping_logits(bb, hf, embeds, mask, target, tp):
@@ -50,7 +50,7 @@ def splice_check(bb, ids):
     """The fused splice on this TP rank's shard (prompt rows and positions on TP rank 0 only, then
     the TP sum) against the reference path: forward and table gradient bit-equal, the table
     gradient the same on every TP rank."""
-    from ptuning_dist.ops.splice_op import slot_map
+    from ptuning_dist.ops.splice import slot_map
 
     B, S = ids.shape
     g = torch.Generator().manual_seed(1)

@@ -17,7 +17,7 @@ from ptuning_dist.errors import ConfigError
 from ptuning_dist.model import PTuningModel
 from ptuning_dist.prompt.encoder import PromptEncoder
 from ptuning_dist.prompt.template import Encoded
-from ptuning_dist.train.loop import train
+from ptuning_dist.train.recipe import train
 
 FAMILIES = ["gpt2", "llama", "gpt_neox"]
 
@@ -55,7 +55,7 @@ def test_prefix_bins_and_plan():
     batch = pack(ex, 0, capacity=12)
     # every row's tokens, slots and target are found where the plan says, with its own positions
     for b, e in enumerate(ex):
-        k, t = int(batch.target_row_B[b]), int(batch.target_pos_B[b])
+        k, t = int(batch.target_row_E[b]), int(batch.target_pos_E[b])
         seg = int(batch.segment_BS[k, t])
         own = (batch.segment_BS[k] == seg).nonzero().flatten().tolist()
         prefix = (batch.segment_BS[k] == 0).nonzero().flatten().tolist()
@@ -146,7 +146,7 @@ def test_packed_equals_padded(family_dirs, family, attn, layout):
     for batch in (padded, packed):
         table = enc().detach().requires_grad_()
         out = model.logits(batch, table)
-        torch.nn.functional.cross_entropy(out, batch.label_B).backward()
+        torch.nn.functional.cross_entropy(out, batch.label_E).backward()
         logits.append(out.detach())
         grads.append(table.grad)
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)

@@ -11,16 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptuning_dist.parallel.memory import (
-    ModelShape,
-    dp_held,
-    layout_memory,
-    rank_coords,
-    stage_params,
-)
-from ptuning_dist.prompt.encoder import PromptEncoder
+from ptuning_dist.planning.memory import dp_held, layout_memory, rank_coords, stage_params
+from ptuning_dist.planning.shape import ModelShape
+from ptuning_dist.prompt.encoder import num_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def hf_config(family: str, **over):
@@ -76,11 +71,12 @@ def test_shards_over_all_stages_and_tp_ranks_sum_to_hf_count(hf_model, tp, pp):
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (2, 2), (4, 2)])
 def test_names_and_shapes_equal_the_importers_shard(hf_model, tp, pp):
     """Every rank's (name, shape) equals what the HF -> megatron importer produces for it."""
-    from ptuning_dist.backbone.megatron_import import gpt2_to_megatron, llama_to_megatron, select_stage
+    from ptuning_dist.backbone.families import family
+    from ptuning_dist.backbone.megatron_import import select_stage
 
     cfg = hf_model.config
     shape = ModelShape.from_hf_config(cfg.to_dict())
-    convert = gpt2_to_megatron if shape.family == "gpt2" else llama_to_megatron
+    convert = family(shape.family).to_megatron
     state = hf_model.state_dict()
     for tp_rank in range(tp):
         full_depth = convert(state, cfg, tp, tp_rank)
@@ -118,7 +114,7 @@ def test_encoder_activation_and_gather_terms():
     kw = dict(n_prompt=6, micro_batch=4, seq_len=32)
     ranks = layout_memory(shape, 2, 2, 2, partitioning="fsdp2", **kw)
     assert len(ranks) == 8
-    n_enc = PromptEncoder.expected_num_params("lstm", 6, shape.hidden)
+    n_enc = num_params("lstm", 6, shape.hidden)
     assert {r.encoder_bytes for r in ranks if r.pp_stage == 0} == {20 * n_enc}
     assert {r.encoder_bytes for r in ranks if r.pp_stage == 1} == {0}
     assert all(r.frozen_bytes == 4 * sum(p.held for p in r.frozen) for r in ranks)
@@ -144,9 +140,9 @@ def test_divisibility_refused():
 
 
 def test_module_is_pure():
-    """No megatron, DeepSpeed or process group behind it: a planner can call it anywhere."""
-    code = ("import sys, ptuning_dist.parallel.memory as m; "
-            "print(sorted(k for k in ('megatron', 'deepspeed', 'transformers') if k in sys.modules))")
+    """No torch, megatron, DeepSpeed or process group behind it: a planner can call it anywhere."""
+    code = ("import sys, ptuning_dist.planning.memory, ptuning_dist.planning.planner, ptuning_dist.cli.plan; "
+            "print(sorted(k for k in ('torch', 'megatron', 'deepspeed', 'transformers') if k in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "[]", p.stdout
 

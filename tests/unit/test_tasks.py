@@ -96,6 +96,6 @@ def test_collate_pads_dynamically(word_piece):
     rows = [t.encode({"sub_label": s}, "Paris", word_piece, 32, "r") for s in ("France", "France France France")]
     b = collate([Example(e, 3, "P36") for e in rows], word_piece.pad_id)
     assert b.ids_BS.shape == (2, 6) and b.attention_mask_BS.tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
-    assert b.target_pos_B.tolist() == [3, 5] and b.n_tokens == 10
+    assert b.target_pos_E.tolist() == [3, 5] and b.n_tokens == 10
     assert list(zip(b.prompt_rows_N.tolist(), b.prompt_pos_N.tolist(), b.prompt_slots_N.tolist())) == [
         (0, 0, 0), (0, 2, 1), (0, 3, 2), (1, 0, 0), (1, 4, 1), (1, 5, 2)]

@@ -10,7 +10,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed  # noqa: E402
 import deepspeed.comm as ds_comm  # noqa: E402
 
-from ptuning_dist.parallel.launch import deepspeed_shm_file, unlink_deepspeed_shm  # noqa: E402
+from ptuning_dist.compat.deepspeed_shm import deepspeed_shm_file, unlink_deepspeed_shm  # noqa: E402
 
 deepspeed.init_distributed(dist_backend="gloo", distributed_port=int(os.environ["MASTER_PORT"]), verbose=False)
 rank, world = dist.get_rank(), dist.get_world_size()

@@ -10,7 +10,7 @@ from ptuning_dist.config import from_dict
 from ptuning_dist.errors import ConfigError
 from ptuning_dist.parallel.ds_config import load_ds_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, d):
