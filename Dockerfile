@@ -11,7 +11,7 @@
 #   docker run ... --entrypoint python    ptuning-dist:0.1.0 launchers/evaluate.py ...   (or launchers/export.py)
 # pyxis/enroot and `apptainer exec` do not run the entry point: they run the srun command line (see README).
 #
-# Base: the official image, pinned by exact tag (tests/test_docker.py checks its torch against
+# Base: the official image, pinned by exact tag (tests/unit/test_docker.py checks its torch against
 # pyproject's torch>=2.6,<2.14). torch 2.13.0 is the release the test suite runs on CPU (dev.sh).
 # CUDA 12.6, not 13.x: CUDA 13 needs an R580+ driver; 12.6 runs on the older drivers clusters keep.
 # devel, not runtime: it has nvcc and the CUDA headers (CUDA_HOME), which DeepSpeed's JIT-built CUDA
