@@ -114,7 +114,12 @@ def check_megatron_model(model_dir, tp: int, pp: int) -> None:
     from ptuning_dist.planning.layout import check_model
 
     path = Path(model_dir) / "config.json"
-    cfg = json.loads(path.read_text())
+    if not path.is_file():
+        raise ConfigError(f"model.path: {model_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"model.path: {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
     check_model(family(cfg.get("model_type"), need="megatron", where=str(path)).shape(cfg), tp, pp, model=str(path))
 
 

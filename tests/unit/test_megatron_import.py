@@ -48,3 +48,14 @@ def test_layout_checked_from_config_json(family_dirs):
         check_megatron_model(family_dirs["gpt2"], 1, 3)
     with pytest.raises(ConfigError, match="no importer for model_type 'gpt_neox'"):
         check_megatron_model(family_dirs["gpt_neox"], 1, 1)
+
+
+def test_megatron_model_errors_name_the_path(tmp_path):
+    from ptuning_dist.errors import ConfigError
+    from ptuning_dist.parallel.parallelize import check_megatron_model
+
+    with pytest.raises(ConfigError, match=r"model.path: .* \(no config.json\)"):
+        check_megatron_model(tmp_path / "none", 1, 1)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+        check_megatron_model(tmp_path, 1, 1)
