@@ -97,7 +97,7 @@ class PTuningRecipe:
         (seeded: identical on every rank) and the model. ``encoder`` is None on pipeline stages
         after the first."""
         cfg = self.cfg
-        if self.plan.megatron:  # the embedded default's path is only known now; a given one was checked
+        if self.plan.megatron and cfg.model.path is None:  # the embedded default's path is only known now
             check_megatron_model(resolve_model_path(cfg), cfg.parallel.tp, cfg.parallel.pp)
         with self.plan.loading():
             self.parts = build_run(cfg, self.D.device)
