@@ -323,6 +323,21 @@ def from_dict(d: dict, overrides: dict | None = None) -> RunConfig:
     return RunConfig(**built)
 
 
+def read_json(path: str | Path, what: str) -> dict:
+    """A JSON object from ``path``; a missing file, bad JSON (with its line) or another type is a
+    ConfigError naming ``what`` (the flag or field that gave the path) and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: file not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {path}: expected a JSON object")
+    return raw
+
+
 def load_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -8,14 +8,13 @@ no torch is imported until a plan counts the prompt encoder's parameters.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ptuning_dist.cli import args as cli_args
-from ptuning_dist.config import Dtype, EncoderKind
+from ptuning_dist.config import Dtype, EncoderKind, read_json
 from ptuning_dist.errors import ConfigError, PTuningError
 from ptuning_dist.planning.planner import PRESETS, GiB, Plan, plan
 from ptuning_dist.planning.shape import ModelShape
@@ -71,10 +70,9 @@ def model_shape(spec: str) -> tuple[str, ModelShape]:
     cfg = path / "config.json" if path.is_dir() else path
     if not cfg.is_file():
         raise ConfigError(f"--model {spec}: no config.json in the directory")
+    data = read_json(cfg, "--model")
     try:
-        shape = ModelShape.from_hf_config(json.loads(cfg.read_text()))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--model {cfg}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        shape = ModelShape.from_hf_config(data)
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"--model {cfg}: cannot read the model's shape ({e!r})") from None
     return (path.name if path.is_dir() else path.parent.name or spec), shape

@@ -13,11 +13,10 @@ reconciles it with a run config. Importing this module does not import torch (th
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptuning_dist.config import RunConfig
+from ptuning_dist.config import RunConfig, read_json
 from ptuning_dist.errors import ConfigError
 
 _DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16"}
@@ -55,16 +54,7 @@ def _fill(d: dict, key: str, value, src: str, field: str) -> None:
 def read_ds_json(path: str | Path) -> dict:
     """The DeepSpeed JSON as a dict; a missing file, bad JSON (with its line) or a non-object is a
     ConfigError naming --ds_config."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--ds_config: file not found: {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--ds_config {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--ds_config {path}: expected a JSON object")
-    return raw
+    return read_json(path, "--ds_config")
 
 
 def load_ds_config(path: str | Path, cfg: RunConfig, world_size: int) -> tuple[dict, str]:

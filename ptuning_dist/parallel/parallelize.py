@@ -107,19 +107,16 @@ def _hf_zero3_loading(ds_cfg: dict):
 def check_megatron_model(model_dir, tp: int, pp: int) -> None:
     """The megatron backend's rules, from ``config.json`` alone (before any process group): a family
     with an importer, and TP/PP dividing its heads, key/value groups, FFN width and layers."""
-    import json
     from pathlib import Path
 
     from ptuning_dist.backbone.families import family
+    from ptuning_dist.config import read_json
     from ptuning_dist.planning.layout import check_model
 
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"model.path: {model_dir} is not a Hugging Face model directory (no config.json)")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"model.path: {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    cfg = read_json(path, "model.path")
     check_model(family(cfg.get("model_type"), need="megatron", where=str(path)).shape(cfg), tp, pp, model=str(path))
 
 

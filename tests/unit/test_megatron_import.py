@@ -57,5 +57,5 @@ def test_megatron_model_errors_name_the_path(tmp_path):
     with pytest.raises(ConfigError, match=r"model.path: .* \(no config.json\)"):
         check_megatron_model(tmp_path / "none", 1, 1)
     (tmp_path / "config.json").write_text("{")
-    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+    with pytest.raises(ConfigError, match="model.path .*config.json: not valid JSON"):
         check_megatron_model(tmp_path, 1, 1)
