@@ -44,7 +44,6 @@ class ParallelPlan:
     """The layout of a run, checked before any process group (step 0)."""
 
     cfg: RunConfig
-    world: int
     dp: int
     accumulation: int
     ds_cfg: dict | None  # the DeepSpeed config to initialise with (its "auto" fields filled)
@@ -65,7 +64,7 @@ class ParallelPlan:
         ds_cfg = None
         if p.ds_config:
             ds_cfg, cfg.model.dtype = load_ds_config(p.ds_config, cfg, world)
-        return cls(cfg, world, dp, accum, ds_cfg)
+        return cls(cfg, dp, accum, ds_cfg)
 
     @property
     def megatron(self) -> bool:

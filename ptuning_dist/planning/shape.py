@@ -57,7 +57,7 @@ class ModelShape:
     def from_hf_config(cls, cfg: Mapping | str | Path) -> "ModelShape":
         """From config.json's contents (a mapping) or a model directory / config.json path; a
         ValueError for a family without a megatron layout."""
-        from ptuning_dist.backbone.families import family
+        from ptuning_dist.backbone.families import family, megatron_families
 
         if not isinstance(cfg, Mapping):
             path = Path(cfg)
@@ -76,9 +76,3 @@ class ModelShape:
 
     def padded_vocab(self, tp: int) -> int:
         return padded_vocab(self.vocab, tp)
-
-
-def megatron_families() -> list[str]:
-    from ptuning_dist.backbone.families import FAMILIES
-
-    return [name for name, f in FAMILIES.items() if f.style is not None]

@@ -15,14 +15,18 @@ from ptuning_dist.errors import ConfigError
 FAMILIES: dict[str, type[Family]] = {f.model_type: f for f in (GPT2, Llama, GPTNeoX)}
 
 
+def megatron_families() -> list[str]:
+    """The model types with a megatron layout (importer and memory model)."""
+    return [name for name, f in FAMILIES.items() if f.style is not None]
+
+
 def family(model_type: str | None, need: str | None = "any", where: str = "") -> type[Family] | None:
     """The family of ``model_type``. ``need="megatron"``: one with a megatron importer, else a
     ConfigError naming ``where`` (the config.json); ``need=None``: None when there is none."""
     fam = FAMILIES.get(model_type)
     if need == "megatron" and (fam is None or fam.style is None):
-        known = ", ".join(k for k, f in FAMILIES.items() if f.style is not None)
         raise ConfigError(f"model.backend = megatron: no importer for model_type {model_type!r}"
-                          f"{' in ' + where if where else ''} ({known})")
+                          f"{' in ' + where if where else ''} ({', '.join(megatron_families())})")
     if fam is None and need is not None:
         raise ConfigError(f"no backbone family for model_type {model_type!r} ({', '.join(FAMILIES)})")
     return fam
