@@ -69,6 +69,28 @@ def family_dirs(tmp_path_factory, bpe_tokenizer, sp_tokenizer):
     }
 
 
+# The LLaMA-shaped tiny models of sharded_dirs: 8 heads in 4 key/value groups (GQA, divisible at TP 4)
+GQA = dict(num_attention_heads=8, num_key_value_heads=4)
+SHARDED = {"gpt2": dict(), "llama": dict(GQA, tie_word_embeddings=False),
+           "mistral": dict(GQA, tie_word_embeddings=True), "qwen2": dict(GQA, tie_word_embeddings=False)}
+
+
+@pytest.fixture(scope="session")
+def sharded_dirs(tmp_path_factory, bpe_tokenizer, sp_tokenizer):
+    """The four megatron families saved as many small safetensors files plus an index (every tensor
+    path crosses files), random biases, and a vocabulary 3 rows larger than the tokenizer's (odd:
+    padded at TP 2 and 4)."""
+    from ptuning_dist.backbone.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("sharded")
+    out = {}
+    for fam, over in SHARDED.items():
+        tok = bpe_tokenizer if fam == "gpt2" else sp_tokenizer
+        out[fam] = build_tiny(root / fam, fam, tok, seed=0, initializer_range=0.2, bias_std=0.2,
+                              max_shard_size="40KB", vocab_size=len(tok) + 3, **over)
+    return out
+
+
 @pytest.fixture(scope="session")
 def word_piece(tmp_path_factory):
     """The embedded default's word-level tokenizer, as the trainer sees it."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -47,6 +48,24 @@ class HFBackbone(nn.Module):
         if dtype not in DTYPES:
             raise ConfigError(f"model.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
+        return cls(model, str(path))
+
+    @classmethod
+    def empty(cls, path: str | Path, dtype: str, zero3: bool) -> "HFBackbone":
+        """The model of ``path``'s config.json with no weights read and none initialised, for a
+        loader that fills each rank's partition from the files afterwards
+        (``parallel/shardwise.py``). ``zero3``: built under ``zero.Init`` (the caller keeps
+        ``HfDeepSpeedConfig`` alive), each parameter partitioned as it is created; else its
+        parameters on the meta device (buffers real: RoPE's frequencies are computed, not loaded),
+        for FSDP2 to shard and materialise."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        path = Path(path)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with no_init_weights(), (nullcontext() if zero3 else params_on_meta()):
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        model.tie_weights()  # no_init_weights skips init_weights, which is where from_config ties the head
         return cls(model, str(path))
 
     def train(self, mode: bool = True):
@@ -120,6 +139,25 @@ class HFBackbone(nn.Module):
             weight = weight[candidate_ids_K]
             bias = bias[candidate_ids_K] if bias is not None else None
         return nn.functional.linear(hidden_EH, weight, bias).float()
+
+
+@contextmanager
+def params_on_meta():
+    """Every parameter registered inside is moved to the meta device as it is registered (one
+    uninitialised parameter at a time exists on the host); buffers stay real (accelerate's
+    ``init_empty_weights(include_buffers=False)``, without the dependency)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":  # a tied parameter stays the same object
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def fingerprint(path: str | Path) -> str:

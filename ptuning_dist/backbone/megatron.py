@@ -1,6 +1,6 @@
 """A frozen megatron-core GPTModel (local layer spec) behind the backbone protocol
-(``backbone/base.py``): one pipeline stage of it, TP-sharded, imported from Hugging Face at load
-time (``megatron_import.py`` and the family files: GPT-2 style, with learned positions, GELU-tanh,
+(``backbone/base.py``): one pipeline stage of it, TP-sharded, read shard-wise from Hugging Face
+safetensors at load time (``megatron_import.py`` and the family files: GPT-2 style, with learned positions, GELU-tanh,
 LayerNorm and fused QKV; LLaMA style, with RMSNorm, SwiGLU, RoPE and grouped-query attention).
 
 A stage holds layers [s L/pp, (s+1) L/pp). ``hidden_at`` runs them: the first stage takes the
@@ -38,19 +38,25 @@ class MegatronBackbone(nn.Module):
         self.is_first_stage, self.is_last_stage = gpt.pre_process, gpt.post_process
 
     @classmethod
-    def from_hf(cls, hf_model, dtype=torch.float32) -> "MegatronBackbone":
-        """Import a Hugging Face model of a family with a megatron importer (``backbone/families``),
-        sharded for this rank's TP position and cut to its pipeline stage."""
+    def from_pretrained(cls, model_dir, dtype=torch.float32) -> "MegatronBackbone":
+        """This rank's TP shard of its pipeline stage of a Hugging Face model directory of a family
+        with a megatron importer (``backbone/families``), read shard-wise from its safetensors
+        (``megatron_import.build_stage``) or from a megatron-core ``torch_dist`` checkpoint
+        (``megatron_dist.load_stage``). ``load_report`` says what was read."""
         from megatron.core import parallel_state as ps
 
-        from ptuning_dist.backbone.megatron_import import build_stage
+        from ptuning_dist.backbone.megatron_dist import is_torch_dist, load_stage
+        from ptuning_dist.backbone.megatron_import import build_stage, hf_config
         from ptuning_dist.compat import megatron_cpu
 
         megatron_cpu.enable()
-        gpt = build_stage(hf_model, dtype, ps.get_tensor_model_parallel_world_size(),
-                          ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
-                          ps.get_pipeline_model_parallel_rank())
-        return cls(gpt, hf_model.config.vocab_size)
+        load = load_stage if is_torch_dist(model_dir) else build_stage
+        gpt, report = load(model_dir, dtype, ps.get_tensor_model_parallel_world_size(),
+                                  ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
+                                  ps.get_pipeline_model_parallel_rank())
+        bb = cls(gpt, hf_config(model_dir).vocab_size)
+        bb.load_report = report
+        return bb
 
     def set_input_tensor(self, input_tensor) -> None:
         """Megatron's schedule hands a later stage its received activations here."""

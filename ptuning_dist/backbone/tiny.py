@@ -34,9 +34,12 @@ def words_of(texts) -> list[str]:
     return [w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t)]
 
 
-def build_tiny(out_dir: str | Path, family: str, tokenizer, seed: int = 0, **overrides) -> Path:
+def build_tiny(out_dir: str | Path, family: str, tokenizer, seed: int = 0, bias_std: float = 0.0,
+               max_shard_size: str | None = None, **overrides) -> Path:
     """Build a tiny model of ``family`` (a ``model_type`` of ``backbone/families``) with random
-    weights for ``tokenizer``'s vocabulary, and save both with ``save_pretrained`` into ``out_dir``."""
+    weights for ``tokenizer``'s vocabulary, and save both with ``save_pretrained`` into ``out_dir``.
+    ``bias_std``: random biases (Hugging Face initialises them to zero, which would hide a bias
+    mapped to the wrong place); ``max_shard_size``: save as several safetensors files plus an index."""
     from transformers import AutoModelForCausalLM
 
     from ptuning_dist.backbone.families import family as family_of
@@ -47,8 +50,13 @@ def build_tiny(out_dir: str | Path, family: str, tokenizer, seed: int = 0, **ove
         setattr(cfg, k, v)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
+    if bias_std:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0.0, bias_std)
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

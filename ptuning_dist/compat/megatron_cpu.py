@@ -19,6 +19,10 @@ tests fail if megatron-core changes them).
    ``device="cuda"``: those two modules see a ``torch`` whose CUDA calls mean the CPU. Only the
    name ``torch`` inside ``schedules.py`` and ``p2p_communication.py`` is rebound; torch itself and
    every other module are untouched.
+6. ``dist_checkpointing`` (the ``torch_dist`` format, ``backbone/megatron_dist.py``): saving calls
+   ``torch.cuda.synchronize()`` (``filesystem_async.preload_tensors``) and puts a failure flag on
+   ``torch.cuda.current_device()`` (``state_dict_saver``); the fully parallel load wrapper
+   synchronises (``fully_parallel``). Those three modules get the same CPU ``torch``.
 """
 from __future__ import annotations
 
@@ -120,6 +124,12 @@ class _CpuTorch:
             kwargs["device"] = "cpu"
         return torch.zeros(*args, **kwargs)
 
+    @staticmethod
+    def tensor(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return torch.tensor(*args, **kwargs)
+
 
 def enable() -> bool:
     """Patch megatron-core for CPU execution (no-op with a GPU). Returns whether it patched."""
@@ -145,7 +155,9 @@ def enable() -> bool:
     random._set_cuda_rng_state = lambda *a, **k: None
     from megatron.core.pipeline_parallel import p2p_communication, schedules
 
-    for mod in (schedules, p2p_communication):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async, fully_parallel, state_dict_saver
+
+    for mod in (schedules, p2p_communication, filesystem_async, state_dict_saver, fully_parallel):
         upstream(mod.torch is torch, f"megatron-core's {mod.__name__} no longer imports torch as a module name")
         mod.torch = _CpuTorch()
     _ENABLED = True

@@ -9,9 +9,11 @@ The order (torchtitan's ``parallelize_*``, extended by what loading needs):
 1. ``D = plan.start()``: the process group (``launch.py``: deepspeed, torchrun, mpirun or srun
    discovery), megatron's TP x PP x DP groups (the megatron import needs them), and the host heap
    policy (``heap.py``; before anything large is read).
-2. ``with plan.loading():`` the backbone loads and is frozen. An HF model under ZeRO-3 is
-   partitioned while ``from_pretrained`` reads it (``HfDeepSpeedConfig`` alive); a megatron stage
-   is imported as this rank's TP shard of its layers.
+2. ``with plan.loading():`` the backbone is built and frozen. A megatron stage is imported as this
+   rank's TP shard of its layers, read shard-wise (``backbone/megatron_import.py``). An HF model
+   that will be partitioned (``plan.fill``: ZeRO-3 or FSDP2 at dp > 1, safetensors on disk) is
+   built empty: under ``zero.Init`` (``HfDeepSpeedConfig`` alive) or on the meta device; any other
+   HF model is read whole by ``from_pretrained`` (what it holds).
 3. ``parallelize(model, plan)``, on the built model:
    a. activation checkpointing per transformer block (``checkpointing.py``): before sharding, so
       that what is sharded are the wrapped blocks;
@@ -48,6 +50,8 @@ class ParallelPlan:
     accumulation: int
     ds_cfg: dict | None  # the DeepSpeed config to initialise with (its "auto" fields filled)
     heap: HostHeap | None = None  # set by start()
+    device: object = None  # set by start()
+    load_report: dict | None = None  # set by parallelize() when it filled partitions
 
     @classmethod
     def from_config(cls, cfg: RunConfig, world: int | None = None) -> "ParallelPlan":
@@ -86,7 +90,18 @@ class ParallelPlan:
         if self.megatron:
             launch.init_model_parallel(p.tp, p.pp)
         self.heap = HostHeap(p.host_malloc, D.device, self.partitioned)
+        self.device = D.device
         return D
+
+    def fill(self, model_dir) -> str | None:
+        """How the HF backbone at ``model_dir`` is loaded shard-wise: "zero3" or "fsdp2" (built
+        empty, its partitions filled after sharding), or None (``from_pretrained`` reads it: not
+        partitioned, the megatron backend, or no safetensors to slice)."""
+        from ptuning_dist.backbone.safetensors_io import has_safetensors
+
+        if self.megatron or not self.partitioned or not has_safetensors(model_dir):
+            return None
+        return "fsdp2" if self.cfg.parallel.fsdp2 else "zero3"
 
     def loading(self):
         """Step 2: the context the backbone loads in."""
@@ -163,6 +178,11 @@ def parallelize(model, plan: ParallelPlan) -> Parallelized:
         from ptuning_dist.parallel.fsdp import shard_frozen_fsdp2
 
         shard_frozen_fsdp2(model, dp_group)
+    fill = plan.fill(model.backbone.path) if not plan.megatron else None
+    if fill is not None:
+        from ptuning_dist.parallel.shardwise import fill_partitions
+
+        plan.load_report = fill_partitions(model.backbone, fill == "zero3", plan.device)
     pipeline = None
     if p.pp > 1:
         from ptuning_dist.parallel.pipeline import PipelineSchedule

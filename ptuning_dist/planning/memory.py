@@ -11,7 +11,7 @@ A family's layer is described by its ``LayerStyle`` (``planning/shape.py``), not
 The layout (the contract with ``ptuning_dist.backbone.megatron_import`` and the family files):
 - stage s of pp holds transformer layers [s L/pp, (s+1) L/pp), named ``decoder.layers.{local i}``;
 - column-parallel weights (qkv, fc1) split rows over TP, row-parallel ones (proj, fc2) columns,
-  norms and row-parallel biases are replicated; the vocabulary is padded to a multiple of TP;
+  norms and row-parallel biases are replicated; the vocabulary is padded (``shape.padded_vocab``);
 - stage 0 holds the word embeddings (and GPT-2's learned positions, replicated over TP); the last
   stage the final norm and, when pp > 1 or the model is untied, ``output_layer.weight`` (for a tied
   model at pp > 1 a real copy of the word embeddings);
@@ -56,7 +56,8 @@ class FrozenParam:
 @dataclass
 class RankMemory:
     """Predicted bytes on one rank. ``step_bytes`` is the training-step peak; ``load_bytes`` the
-    import peak (every rank reads the whole HF checkpoint in fp32); both exclude the runtime."""
+    set-up peak of the shard-wise load (what the rank holds plus the slices in flight); both
+    exclude the runtime."""
 
     pp_stage: int
     tp_rank: int
@@ -95,9 +96,10 @@ def _layer_params(m: ModelShape, tp: int) -> list[tuple[str, tuple[int, ...], bo
 
 def _global_params(m: ModelShape, tp: int, pp: int, stage: int | None = None):
     """The non-layer parameters of ``stage`` in registration order; with ``stage`` None, the whole
-    model's as Hugging Face has them (a tied head is no parameter of its own)."""
+    model's as Hugging Face has them (a tied head is no parameter of its own, the vocabulary is not
+    padded)."""
     first, last = stage in (None, 0), stage in (None, pp - 1)
-    vocab_tp, h = m.padded_vocab(tp) // tp, m.hidden
+    vocab_tp, h = (m.vocab if stage is None else m.padded_vocab(tp)) // tp, m.hidden
     out = []
     if first:
         out.append(("embedding.word_embeddings.weight", (vocab_tp, h), True))
@@ -113,7 +115,8 @@ def _global_params(m: ModelShape, tp: int, pp: int, stage: int | None = None):
 
 
 def full_depth_numel(m: ModelShape, tp: int) -> int:
-    """Elements of one TP rank's shard of the whole model (all layers, no pipeline cut)."""
+    """Elements of one TP rank's shard of the whole model as Hugging Face has it (all layers, no
+    pipeline cut, no vocabulary padding)."""
     return (sum(prod(s) for _, s, _ in _layer_params(m, tp)) * m.layers
             + sum(prod(s) for _, s, _ in _global_params(m, tp, 1)))
 
@@ -191,12 +194,13 @@ def activation_bytes(m: ModelShape, tp: int, pp: int, pp_stage: int, micro_batch
 
 def layout_memory(m: ModelShape, tp: int = 1, pp: int = 1, dp: int = 1, *, dtype_bytes: int = 4,
                   partitioning: str = "none", n_prompt: int = 6, encoder: str = "lstm", micro_batch: int = 8,
-                  seq_len: int = 128, checkpointing: bool = False, micro_batches: int | None = None
-                  ) -> list[RankMemory]:
+                  seq_len: int = 128, checkpointing: bool = False, micro_batches: int | None = None,
+                  backend: str = "megatron") -> list[RankMemory]:
     """Predicted memory of every rank, in global rank order (``stage_memory`` of each rank's stage
     and DP rank; TP ranks hold the same sizes, and so do DP ranks unless partitioning is 'fsdp2')."""
     kw = dict(dtype_bytes=dtype_bytes, partitioning=partitioning, n_prompt=n_prompt, encoder=encoder,
-              micro_batch=micro_batch, seq_len=seq_len, checkpointing=checkpointing, micro_batches=micro_batches)
+              micro_batch=micro_batch, seq_len=seq_len, checkpointing=checkpointing, micro_batches=micro_batches,
+              backend=backend)
     cache: dict[tuple[int, int], RankMemory] = {}
     out = []
     for rank in range(tp * pp * dp):
@@ -211,7 +215,7 @@ def layout_memory(m: ModelShape, tp: int = 1, pp: int = 1, dp: int = 1, *, dtype
 def stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_stage: int, dp_rank: int = 0, *,
                  dtype_bytes: int = 4, partitioning: str = "none", n_prompt: int = 6, encoder: str = "lstm",
                  micro_batch: int = 8, seq_len: int = 128, checkpointing: bool = False,
-                 micro_batches: int | None = None) -> RankMemory:
+                 micro_batches: int | None = None, backend: str = "megatron") -> RankMemory:
     """Predicted memory of the ranks of stage ``pp_stage`` at DP rank ``dp_rank`` (any TP rank): what
     a planner calls once per stage instead of once per rank.
 
@@ -220,9 +224,13 @@ def stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_stage: int, dp_ran
     multi-tensor AdamW's sqrt temporary). Gathers ('zero3'/'fsdp2', dp > 1): what the stage holds
     outside its layers (embeddings, final norm, head) gathered for the whole step, plus three layers'
     worth (the layer computing, the one prefetched, the flat all-gather buffer; two on a one-layer
-    stage). Load: the megatron importer reads the whole HF model in fp32 on every rank, converts all
-    layers to this TP rank's shard in ``dtype_bytes``, then builds the stage's model:
-    4 P_hf + (full-depth shard + stage) bytes.
+    stage). Load (``megatron_import.build_stage``, ``parallel/shardwise.py``): the shard-wise loader
+    allocates what it will hold and fills it tensor by tensor, reading only this rank's slice of
+    each, in ``dtype_bytes``: held + in flight. Held: the megatron backend imports the whole TP/PP
+    stage, then ZeRO-3/FSDP2 partition it parameter by parameter (``backend="megatron"``: the stage's
+    elements); the hf backend fills its DP partitions straight from the files (``backend="hf"``:
+    the elements held after DP). In flight: the largest tensor's slice twice (read, then regrouped
+    or cast into place: LLaMA's q/k/v per group, GPT-2's transposes).
     """
     params = stage_params(m, tp, pp, dp, pp_stage, dp_rank, partitioning)
     r = RankMemory(pp_stage, 0, dp_rank, params, sum(p.held for p in params) * dtype_bytes)
@@ -233,5 +241,7 @@ def stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_stage: int, dp_ran
         layer = sum(prod(s) for _, s, _ in _layer_params(m, tp))
         outside = sum(p.numel - p.held for p in params if not p.name.startswith("decoder.layers."))
         r.gather_bytes = (outside + min(3, m.layers // pp + 1) * layer) * dtype_bytes
-    r.load_bytes = 4 * m.hf_num_params() + (full_depth_numel(m, tp) + sum(p.numel for p in params)) * dtype_bytes
+    held = sum(p.held if backend == "hf" else p.numel for p in params)
+    in_flight = 2 * max(p.held if backend == "hf" else p.numel for p in params)
+    r.load_bytes = (held + in_flight) * dtype_bytes
     return r

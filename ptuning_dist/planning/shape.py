@@ -23,9 +23,18 @@ class LayerStyle:
     learned_positions: bool  # a learned position table (else RoPE)
 
 
+VOCAB_MULTIPLE = 128  # megatron's make_vocab_size_divisible_by default
+
+
 def padded_vocab(vocab: int, tp: int) -> int:
-    """The vocabulary padded to a multiple of TP (the vocabulary-parallel tables' rows)."""
-    return -(-vocab // tp) * tp
+    """The vocabulary-parallel tables' rows: the vocabulary padded with zero rows to a multiple of
+    lcm(128, TP). For every power-of-two TP up to 128 that is the same multiple of 128, so the
+    tables have one global shape whatever the TP, and a ``torch_dist`` checkpoint written at one TP
+    loads at another (megatron pads to 128 x TP, which ties its checkpoints to their TP)."""
+    from math import lcm
+
+    m = lcm(VOCAB_MULTIPLE, tp)
+    return -(-vocab // m) * m
 
 
 @dataclass(frozen=True)

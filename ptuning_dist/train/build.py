@@ -44,8 +44,10 @@ def resolve_model_path(cfg: RunConfig) -> Path:
     return default_backbone(Path(cfg.train.output_dir) / "default_backbone")
 
 
-def build_run(cfg: RunConfig, device: torch.device | None = None) -> Run:
-    """Everything but the encoder: tokenizer, task, template, candidates, frozen backbone."""
+def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | None = None) -> Run:
+    """Everything but the encoder: tokenizer, task, template, candidates, frozen backbone.
+    ``fill`` ("zero3" / "fsdp2", ``ParallelPlan.fill``): the HF backbone is built empty, for
+    ``parallelize`` to fill each rank's partition from the files."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_path = resolve_model_path(cfg)
     if not (model_path / "config.json").is_file():
@@ -55,15 +57,23 @@ def build_run(cfg: RunConfig, device: torch.device | None = None) -> Run:
     template = Template(cfg.prompt.template or task.default_template, fields=task.fields)
     mask_space = template.parts[-1].space_before
     cands = build_candidates(task, tok, cfg.data.allowed_vocab, mask_space)
+    from ptuning_dist.backbone.megatron_dist import is_torch_dist, source_fingerprint
+
+    torch_dist = is_torch_dist(model_path)
+    if torch_dist and cfg.model.backend != "megatron":
+        raise ConfigError(f"model.path: {model_path} is a megatron-core torch_dist checkpoint; it loads on "
+                          "model.backend = megatron (--backend megatron)")
     if cfg.model.backend == "megatron":
         from ptuning_dist.backbone.megatron import MegatronBackbone
 
-        hf = HFBackbone.from_pretrained(model_path, "float32").model  # read once, sharded into megatron
-        backbone = MegatronBackbone.from_hf(hf, DTYPES[cfg.model.dtype]).to(device)
-        del hf
+        # each rank reads only its TP slice of its stage's tensors, in the run's dtype
+        backbone = MegatronBackbone.from_pretrained(model_path, DTYPES[cfg.model.dtype]).to(device)
+    elif fill is not None:  # partitioned (zero.Init) or on the meta device: filled after sharding
+        backbone = HFBackbone.empty(model_path, cfg.model.dtype, zero3=fill == "zero3")
     else:
         backbone = HFBackbone.from_pretrained(model_path, cfg.model.dtype).to(device)
-    return Run(cfg, model_path, fingerprint(model_path), tok, task, template, cands, backbone, device)
+    backbone_hash = source_fingerprint(model_path) if torch_dist else fingerprint(model_path)
+    return Run(cfg, model_path, backbone_hash, tok, task, template, cands, backbone, device)
 
 
 def examples(run: Run, split: str, manual: bool = False) -> list[Example]:

@@ -100,7 +100,7 @@ class PTuningRecipe:
         if self.plan.megatron and cfg.model.path is None:  # the embedded default's path is only known now
             check_megatron_model(resolve_model_path(cfg), cfg.parallel.tp, cfg.parallel.pp)
         with self.plan.loading():
-            self.parts = build_run(cfg, self.D.device)
+            self.parts = build_run(cfg, self.D.device, fill=self.plan.fill(resolve_model_path(cfg)))
         self.train_ex = examples(self.parts, cfg.data.train_split)
         self.eval_ex = examples(self.parts, cfg.data.eval_split)
         self.model, self.encoder = build_model(self.parts, cfg.train.seed)

@@ -41,6 +41,10 @@ def test_zero3_partitions_backbone_and_replicates_encoder(zero3):
     assert r0["partitions"], "no frozen parameters recorded"
     for name, full, local in r0["partitions"]:
         assert local == -(-full // 2), f"{name}: {local} of {full} elements on rank 0, expected numel/2"
+    # loaded shard-wise: each rank read exactly the elements of its partitions (no gather, no broadcast)
+    for r, rec in enumerate((r0, r1)):
+        own = sum(max(0, min(local, full - r * local)) for _, full, local in rec["partitions"])
+        assert rec["load_report"]["bytes_read"] == 4 * own, (r, rec["load_report"], own)
     assert r0["trainable"] == r0["encoder_numel"] > 0
     assert r0["materialised"][1] == r0["materialised"][3] == {}, "ZeRO-3 left parameters gathered after a step"
     # the splice's table (tied: also the head) is gathered once per step, not once per micro-batch
@@ -176,7 +180,7 @@ def test_zero3_bf16_backbone_fp32_encoder(backbone, reference, tmp_path):
 
 @pytest.mark.parametrize("world", [2, 4])  # TP=2 x DP=1, TP=2 x DP=2
 def test_tensor_parallel_megatron_matches_single_process(backbone, reference, tmp_path, world):
-    """TP=2 on the megatron backbone (vocabulary 147 padded to 148) against the HF single process;
+    """TP=2 on the megatron backbone (vocabulary 147 padded to 256) against the HF single process;
     the two TP replicas must hold identical encoder gradients without any all-reduce between them."""
     torchrun(world, WORKER, "--record", tmp_path / "rec", "--model", backbone, "--output_dir", tmp_path,
              "--backend", "megatron", "--tp", 2, *COMMON)
@@ -209,6 +213,8 @@ def test_fsdp2_partitions_over_dp_and_matches(backbone, reference, tmp_path, bac
             assert local < full or full == 1, f"{name}: {local} of {full} elements on rank {r}, not sharded"
             assert local <= -(-full // 2) + full // 2 ** 6, f"{name}: {local} of {full}"  # ~half, dim-0 rounding
         assert rec["not_dtensor"][1] == rec["not_dtensor"][3] == 0, f"rank {r}: FSDP2 left parameters gathered"
+        if backend == "hf":  # filled shard-wise: each rank read exactly its own rows of every tensor
+            assert rec["load_report"]["bytes_read"] == 4 * sum(local for _, _, local in rec["partitions"]), r
     if backend == "megatron":
         tp, pp = (2, 1) if layout[0] == "--tp" else (1, 2)
         assert_partitions_predicted(tmp_path, backbone, world, tp, pp, "fsdp2")

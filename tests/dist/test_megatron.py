@@ -1,4 +1,4 @@
-"""The imported megatron-core GPTModel on 1-2 gloo ranks (TP = world size) against Hugging Face's
+"""The imported megatron-core GPTModel on 1-4 gloo ranks (TP = world size; GPT-2, LLaMA, Mistral, Qwen2) against Hugging Face's
 own forward, and the fused splice on the vocabulary shard against the reference path."""
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from distutil import ROOT
 from ptuning_dist.parallel.launch import free_port
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("tp", [1, 2])
-def test_megatron_forward_and_splice_equal_hf_and_reference(family_dirs, tmp_path, tp, family):
+@pytest.mark.parametrize("family,tp", [(f, tp) for f in ("gpt2", "llama", "mistral", "qwen2") for tp in (1, 2)]
+                         + [("qwen2", 4), ("gpt2", 4)])
+def test_megatron_forward_and_splice_equal_hf_and_reference(sharded_dirs, tmp_path, tp, family):
+    """Read shard-wise from many small safetensors files (conftest.sharded_dirs)."""
     out = tmp_path / "r.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp), "--master_port",
-                        str(free_port()), ROOT / "tests" / "workers" / "megatron_worker.py", family_dirs[family], out],
+                        str(free_port()), ROOT / "tests" / "workers" / "megatron_worker.py", sharded_dirs[family], out],
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads(out.read_text())

@@ -18,12 +18,16 @@ def test_qkv_regrouped_per_head():
 
 
 def test_tp_shards_reassemble_the_full_model(family_dirs):
-    from transformers import AutoModelForCausalLM
+    from ptuning_dist.backbone.megatron_import import hf_config, stage_tensors
+    from ptuning_dist.backbone.safetensors_io import WeightFiles
 
-    hf = AutoModelForCausalLM.from_pretrained(family_dirs["gpt2"])
-    state = hf.state_dict()
-    full = GPT2.to_megatron(state, hf.config, tp=1, rank=0)
-    shards = [GPT2.to_megatron(state, hf.config, tp=2, rank=r) for r in (0, 1)]
+    cfg = hf_config(family_dirs["gpt2"])
+    with WeightFiles(family_dirs["gpt2"], torch.float32) as files:
+        def shard(tp, rank):
+            return {n: t() for n, t in stage_tensors(GPT2, files.read, cfg, tp, rank, 1, 0).items()}
+
+        full = shard(1, 0)
+        shards = [shard(2, r) for r in (0, 1)]
     dims = {"linear_qkv": 0, "linear_fc1": 0, "word_embeddings": 0, "linear_proj.weight": 1, "linear_fc2.weight": 1}
     for name, w in full.items():
         dim = next((d for k, d in dims.items() if k in name), None)
@@ -32,7 +36,7 @@ def test_tp_shards_reassemble_the_full_model(family_dirs):
         else:
             cat = torch.cat([s[name] for s in shards], dim=dim)
             assert torch.equal(cat[: w.shape[0]] if dim == 0 else cat, w), name
-    assert padded_vocab(2001, 2) == 2002
+    assert padded_vocab(2001, 2) == padded_vocab(2001, 1) == 2048 and padded_vocab(2001, 3) == 2304
 
 
 def test_layout_checked_from_config_json(family_dirs):

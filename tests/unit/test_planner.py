@@ -35,8 +35,9 @@ def test_comm_counted_by_hand():
     p = plan(TOY, 2, 4, 2, 2, zero_stage=3, dtype_bytes=2, micro_batch=1, global_batch=4, seq_len=4, n_prompt=3)
     assert (p.dp, p.micro_batches, [(r.first, r.last) for r in p.stages]) == (2, 2, [(0, 0), (1, 1)])
     # one layer's TP shard: 2 norms 16 + proj 8x4 + 8 + qkv 12x8 + 12 + fc1 16x8 + 16 + fc2 8x16 + 8 = 460;
-    # outside the layers: stage 0 words 5x8 + positions 16x8 = 168, stage 1 the head's copy 5x8 + final norm 16 = 56
-    layer, out0, out1, sbh = 460, 168, 56, 4 * 1 * 8
+    # outside the layers (vocabulary 10 padded to 128: 64 rows per TP rank): stage 0 words 64x8 + positions
+    # 16x8 = 640, stage 1 the head's copy 64x8 + final norm 16 = 528
+    layer, out0, out1, sbh = 460, 640, 528, 4 * 1 * 8
     s0, s1 = p.stages[0].comm, p.stages[1].comm
     # ZeRO-3: (dp-1)/dp x (2 gathers x M x 2 layers x layer + outside once) x 2 bytes
     assert s0.zero3_gather == (2 * 2 * 2 * layer + out0) * 2 // 2

@@ -43,6 +43,9 @@ def main():
 
         def after_setup(self, model, encoder, engine):
             rec["partitions"] = partition_sizes(model.frozen)
+            # what the shard-wise loader read on this rank (hf backend partitioned: the plan's fill;
+            # the megatron backend: its stage import)
+            rec["load_report"] = self.plan.load_report or getattr(model.backbone, "load_report", None)
             rec["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             rec["_frozen"] = model.frozen
             rec["checkpointed_blocks"] = sum(type(m).__name__ == "CheckpointWrapper" for m in model.frozen.modules())

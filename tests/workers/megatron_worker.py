@@ -82,7 +82,7 @@ def main():
     tp = dist.get_world_size()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    bb = MegatronBackbone.from_hf(hf)
+    bb = MegatronBackbone.from_pretrained(hf_dir)
     g = torch.Generator().manual_seed(0)
     V, H = hf.config.vocab_size, hf.config.hidden_size
     ids = torch.randint(0, V, (3, 7), generator=g)

@@ -10,9 +10,11 @@ from ptuning_dist.backbone.families.base import Family
 from ptuning_dist.backbone.families.gpt2 import GPT2
 from ptuning_dist.backbone.families.gpt_neox import GPTNeoX
 from ptuning_dist.backbone.families.llama import Llama
+from ptuning_dist.backbone.families.mistral import Mistral
+from ptuning_dist.backbone.families.qwen2 import Qwen2
 from ptuning_dist.errors import ConfigError
 
-FAMILIES: dict[str, type[Family]] = {f.model_type: f for f in (GPT2, Llama, GPTNeoX)}
+FAMILIES: dict[str, type[Family]] = {f.model_type: f for f in (GPT2, Llama, Mistral, Qwen2, GPTNeoX)}
 
 
 def megatron_families() -> list[str]:

@@ -9,9 +9,14 @@ A family is a class with class-level methods (no instances), registered in ``fam
 - the megatron backend, where ``style`` is set (a family without it runs on the hf backend only):
   ``megatron_config(cfg)``, the fields of megatron's ``TransformerConfig`` beyond the common ones
   (``backbone/megatron.py`` adds dtype, TP/PP, no dropout); ``gpt_model_kwargs(cfg)``, what
-  ``GPTModel`` needs beyond the shape; and ``to_megatron(state, cfg, tp, rank)``, the
-  Hugging Face <-> megatron name map: this TP rank's shard of the full-depth megatron state dict
-  (``backbone/megatron_import.py`` holds the shared helpers and the pipeline cut).
+  ``GPTModel`` needs beyond the shape; and the Hugging Face -> megatron name map, read shard-wise:
+  ``megatron_layer(read, cfg, tp, rank, i)`` (names under ``decoder.layers.<i>.``) and
+  ``megatron_globals(read, cfg, tp, rank)`` (embeddings, final norm, an own head), each a dict of
+  megatron name -> a thunk that reads this TP rank's slice of the Hugging Face tensors through
+  ``read`` (``safetensors_io.WeightFiles.read``) and returns it in megatron's layout. Thunks, so
+  that the importer reads only this pipeline stage's tensors, one at a time
+  (``backbone/megatron_import.py`` holds the shared helpers and the pipeline cut);
+- ``attention_window(cfg)``: a sliding attention window (Mistral), or None.
 
 Importing a family file does not import torch: the planner reads shapes without it.
 """
@@ -43,5 +48,13 @@ class Family:
         return {}
 
     @classmethod
-    def to_megatron(cls, state: dict, cfg, tp: int, rank: int) -> dict:
+    def megatron_layer(cls, read, cfg, tp: int, rank: int, i: int) -> dict:
         raise NotImplementedError
+
+    @classmethod
+    def megatron_globals(cls, read, cfg, tp: int, rank: int) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def attention_window(cls, cfg) -> int | None:
+        return None

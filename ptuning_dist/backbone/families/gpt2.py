@@ -1,10 +1,11 @@
 """GPT-2: learned positions, LayerNorm, GELU (tanh), fused QKV, biases everywhere, tied head.
 
-Hugging Face -> megatron, as ``to_megatron`` maps it:
-- HF stores Conv1D weights transposed (in x out): every linear weight is transposed.
+Hugging Face -> megatron, as ``megatron_layer`` / ``megatron_globals`` read it, slice by slice:
+- HF stores Conv1D weights transposed (in x out): every linear weight is transposed, so a
+  column-parallel split (megatron's output rows) reads HF columns and a row-parallel one HF rows.
 - HF's ``c_attn`` output is [q of all heads | k of all heads | v of all heads]; megatron's
   ``linear_qkv`` output is grouped per head: [q_h k_h v_h] for h = 0..heads-1. Rows are regrouped
-  per head, so TP chunks of rows hold whole heads.
+  per head, so TP chunks of rows hold whole heads: a rank reads its heads' three column ranges.
 - Column-parallel weights (qkv, fc1) split their output rows over TP; row-parallel weights (proj,
   fc2) their input columns, keeping the full bias (added once, after the all-reduce).
 - The head is always tied to the word embeddings (GPT-2 has no separate one).
@@ -18,36 +19,10 @@ from ptuning_dist.errors import ConfigError
 from ptuning_dist.planning.shape import LayerStyle, ModelShape
 
 
-def _t(w):
-    return w.t().contiguous()
-
-
 def qkv_per_head(w, heads: int):
     """[3H, ...] in HF's q|k|v order -> megatron's per-head [q_h k_h v_h] order."""
     three_h = w.shape[0]
     return w.reshape(3, heads, three_h // (3 * heads), *w.shape[1:]).transpose(0, 1).reshape(w.shape)
-
-
-# (megatron name, HF name, transform(w, heads), TP split dim: 0 = rows, 1 = columns, None = replicated)
-LAYER = [
-    ("input_layernorm.weight", "ln_1.weight", None, None),
-    ("input_layernorm.bias", "ln_1.bias", None, None),
-    ("self_attention.linear_qkv.weight", "attn.c_attn.weight", lambda w, h: qkv_per_head(_t(w), h), 0),
-    ("self_attention.linear_qkv.bias", "attn.c_attn.bias", qkv_per_head, 0),
-    ("self_attention.linear_proj.weight", "attn.c_proj.weight", lambda w, h: _t(w), 1),
-    ("self_attention.linear_proj.bias", "attn.c_proj.bias", None, None),
-    ("pre_mlp_layernorm.weight", "ln_2.weight", None, None),
-    ("pre_mlp_layernorm.bias", "ln_2.bias", None, None),
-    ("mlp.linear_fc1.weight", "mlp.c_fc.weight", lambda w, h: _t(w), 0),
-    ("mlp.linear_fc1.bias", "mlp.c_fc.bias", None, 0),
-    ("mlp.linear_fc2.weight", "mlp.c_proj.weight", lambda w, h: _t(w), 1),
-    ("mlp.linear_fc2.bias", "mlp.c_proj.bias", None, None),
-]
-GLOBAL = [
-    ("embedding.position_embeddings.weight", "transformer.wpe.weight", None, None),
-    ("decoder.final_layernorm.weight", "transformer.ln_f.weight", None, None),
-    ("decoder.final_layernorm.bias", "transformer.ln_f.bias", None, None),
-]
 
 
 class GPT2(Family):
@@ -78,14 +53,53 @@ class GPT2(Family):
                     activation_func=lambda x: F.gelu(x, approximate="tanh"))
 
     @classmethod
-    def to_megatron(cls, state: dict, cfg, tp: int, rank: int) -> dict:
-        from ptuning_dist.backbone.megatron_import import pad_vocab, tp_shard
+    def megatron_layer(cls, read, cfg, tp: int, rank: int, i: int) -> dict:
+        import torch
 
-        heads, out = cfg.n_head, {}
-        table = list(GLOBAL) + [(f"decoder.layers.{i}.{m}", f"transformer.h.{i}.{h}", f, d)
-                                for i in range(cfg.n_layer) for m, h, f, d in LAYER]
-        for m_name, h_name, fn, dim in table:
-            w = state[h_name]
-            out[m_name] = tp_shard(fn(w, heads) if fn else w, dim, tp, rank)
-        out["embedding.word_embeddings.weight"] = tp_shard(pad_vocab(state["transformer.wte.weight"], tp), 0, tp, rank)
-        return out
+        from ptuning_dist.backbone.megatron_import import lazy, part
+
+        H, heads = cfg.n_embd, cfg.n_head
+        F, hn, p = cfg.n_inner or 4 * H, H // heads, f"transformer.h.{i}."
+        h0, h1 = part(heads, tp, rank)
+        f0, f1 = part(F, tp, rank)
+        r0, r1 = part(H, tp, rank)
+
+        def qkv_weight():  # this rank's heads: three column ranges of the (in x 3H) Conv1D weight
+            qkv = [read(p + "attn.c_attn.weight", (H, 3 * H), cols=(j * H + h0 * hn, j * H + h1 * hn)).t()
+                   for j in range(3)]
+            return qkv_per_head(torch.cat(qkv), h1 - h0)
+
+        def qkv_bias():
+            return qkv_per_head(torch.cat([read(p + "attn.c_attn.bias", (3 * H,), rows=(j * H + h0 * hn, j * H + h1 * hn))
+                                           for j in range(3)]), h1 - h0)
+
+        def t(name, shape, **where):  # Conv1D stores (in x out): megatron's (out x in) is its transpose
+            return lambda: read(p + name, shape, **where).t().contiguous()
+
+        return {
+            "input_layernorm.weight": lazy(read, p + "ln_1.weight", (H,)),
+            "input_layernorm.bias": lazy(read, p + "ln_1.bias", (H,)),
+            "self_attention.linear_qkv.weight": qkv_weight,
+            "self_attention.linear_qkv.bias": qkv_bias,
+            "self_attention.linear_proj.weight": t("attn.c_proj.weight", (H, H), rows=(r0, r1)),
+            "self_attention.linear_proj.bias": lazy(read, p + "attn.c_proj.bias", (H,)),
+            "pre_mlp_layernorm.weight": lazy(read, p + "ln_2.weight", (H,)),
+            "pre_mlp_layernorm.bias": lazy(read, p + "ln_2.bias", (H,)),
+            "mlp.linear_fc1.weight": t("mlp.c_fc.weight", (H, F), cols=(f0, f1)),
+            "mlp.linear_fc1.bias": lazy(read, p + "mlp.c_fc.bias", (F,), rows=(f0, f1)),
+            "mlp.linear_fc2.weight": t("mlp.c_proj.weight", (F, H), rows=(f0, f1)),
+            "mlp.linear_fc2.bias": lazy(read, p + "mlp.c_proj.bias", (H,)),
+        }
+
+    @classmethod
+    def megatron_globals(cls, read, cfg, tp: int, rank: int) -> dict:
+        from ptuning_dist.backbone.megatron_import import lazy, vocab_shard
+
+        H = cfg.n_embd
+        return {
+            "embedding.word_embeddings.weight": lambda: vocab_shard(read, "transformer.wte.weight", cfg.vocab_size, H,
+                                                                    tp, rank),
+            "embedding.position_embeddings.weight": lazy(read, "transformer.wpe.weight", (cfg.n_positions, H)),
+            "decoder.final_layernorm.weight": lazy(read, "transformer.ln_f.weight", (H,)),
+            "decoder.final_layernorm.bias": lazy(read, "transformer.ln_f.bias", (H,)),
+        }
