@@ -121,10 +121,12 @@ def _notes() -> list[str]:
         f"- Activation checkpointing lowers 175B's stage-0 peak (1F1B keeps min(pp, micro-batches) micro-batches "
         f"in flight there) from {g_off.worst.total / GiB:.1f} to {g_on.worst.total / GiB:.1f} GiB and costs 1.5x "
         f"the TP all-reduce traffic (the recompute's forward).",
-        "- Set-up: the importer reads the whole Hugging Face checkpoint in fp32 on every rank, so a node of 8 "
-        "needs 8 x 4 bytes x the parameter count of host memory (last column): fine for GPT-2 XL, several TB "
-        "per node at 175B and beyond, more than a typical GPU node has. Loading those needs a per-stage reader "
-        "of a sharded checkpoint (not implemented).",
+        f"- Set-up (last column, a node of 8): the shard-wise loader holds what the rank will hold plus the "
+        f"largest tensor's slice twice (read, then regrouped), in the run's dtype. For 175B at tp 8 x pp 8 that "
+        f"is {max(r.load for r in g_off.stages) * GPUS / GiB:.0f} GiB per node (the whole model in fp32 on every "
+        f"rank, as the importer read it before, was {8 * 4 * PRESETS['gpt-175b'].hf_num_params() / GiB:.0f} GiB); "
+        f"for 530B at tp 8 x pp 35, {max(r.load for r in z0.stages) * GPUS / GiB:.0f} GiB. Measured at 2B "
+        "parameters: `benchmarks/load_scale.py`.",
     ]
 
 

@@ -33,11 +33,10 @@ def main(argv=None) -> int:
         args = cli_args.build(ExportArgs, p.parse_args(argv), own)
         run_dir = Path(args.run_dir)
         cfg = from_dict(load_file(run_dir / "run_config.json"))
-        # one process reads the backbone for its hidden size and fingerprint: however the run was
-        # parallelised (megatron TP/PP, ZeRO), the HF model at the same path is the same backbone
-        cfg.model.backend, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ds_config = "hf", 1, 1, None
-        run_ = build_run(cfg, device=None)
-        enc = PromptEncoder(cfg.prompt.encoder, run_.template.n_prompt, run_.backbone.hidden_size)
+        # one process, no weights read: the table needs the backbone's hidden size (config.json), its
+        # fingerprint and tokenizer, however the run was parallelised and whatever the format
+        run_ = build_run(cfg, device=None, load_backbone=False)
+        enc = PromptEncoder(cfg.prompt.encoder, run_.template.n_prompt, run_.hidden_size)
         load_encoder(run_dir / ENCODER_FILE, enc)
         out = save_table(args.out or run_dir / "prompt_table", enc.export_table(), template=run_.template.text,
                          backbone_path=str(run_.model_path), backbone_hash=run_.backbone_hash,

@@ -153,7 +153,7 @@ def report(p: Plan) -> list[str]:
                                                r.comm.dp_allreduce, r.comm.total)] for r in p.stages]
     out += _table(head, rows)
     load = max(r.load for r in p.stages)
-    out += ["", f"set-up: the importer reads the whole checkpoint in fp32 on every rank: up to {_gib(load, 1)} GiB of "
+    out += ["", f"set-up: each rank reads only its shard (held + the largest slice in flight): up to {_gib(load, 1)} GiB of "
             f"host memory per rank, {_gib(load * p.gpus_per_node, 1)} GiB per node of {p.gpus_per_node} GPUs",
             f"runtime reserve (CUDA context, NCCL, allocator; not modelled): {_gib(p.reserve_bytes, 1)} GiB", "",
             f"VERDICT: {p.verdict}"]

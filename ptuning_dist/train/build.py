@@ -34,8 +34,9 @@ class Run:
     task: Task
     template: Template
     cands: Candidates
-    backbone: nn.Module  # HFBackbone or MegatronBackbone (the protocol of backbone/base.py)
+    backbone: nn.Module | None  # HFBackbone or MegatronBackbone (backbone/base.py); None: not loaded
     device: torch.device
+    hidden_size: int = 0
 
 
 def resolve_model_path(cfg: RunConfig) -> Path:
@@ -44,8 +45,10 @@ def resolve_model_path(cfg: RunConfig) -> Path:
     return default_backbone(Path(cfg.train.output_dir) / "default_backbone")
 
 
-def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | None = None) -> Run:
-    """Everything but the encoder: tokenizer, task, template, candidates, frozen backbone.
+def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | None = None,
+              load_backbone: bool = True) -> Run:
+    """Everything but the encoder: tokenizer, task, template, candidates, frozen backbone
+    (``load_backbone`` False: none, e.g. to re-export a table, which needs only its identity).
     ``fill`` ("zero3" / "fsdp2", ``ParallelPlan.fill``): the HF backbone is built empty, for
     ``parallelize`` to fill each rank's partition from the files."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -60,11 +63,26 @@ def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | No
     from ptuning_dist.backbone.megatron_dist import is_torch_dist, source_fingerprint
 
     torch_dist = is_torch_dist(model_path)
+    backbone_hash = source_fingerprint(model_path) if torch_dist else fingerprint(model_path)
+    if not load_backbone:
+        from ptuning_dist.backbone.megatron_import import hf_config
+
+        return Run(cfg, model_path, backbone_hash, tok, task, template, cands, None, device,
+                   hf_config(model_path).hidden_size)
     if torch_dist and cfg.model.backend != "megatron":
         raise ConfigError(f"model.path: {model_path} is a megatron-core torch_dist checkpoint; it loads on "
                           "model.backend = megatron (--backend megatron)")
     if cfg.model.backend == "megatron":
+        from ptuning_dist.backbone.families import family
         from ptuning_dist.backbone.megatron import MegatronBackbone
+        from ptuning_dist.backbone.megatron_import import hf_config
+
+        hf_cfg = hf_config(model_path)
+        window = family(hf_cfg.model_type, need="megatron").attention_window(hf_cfg)
+        if window is not None and cfg.data.max_seq_len > window:  # the local layer spec has no banded attention
+            raise ConfigError(f"data.max_seq_len = {cfg.data.max_seq_len} exceeds {model_path / 'config.json'}'s "
+                              f"sliding_window {window}: model.backend = megatron attends causally over the whole "
+                              "sequence; use a shorter --max_seq_len or --backend hf")
 
         # each rank reads only its TP slice of its stage's tensors, in the run's dtype
         backbone = MegatronBackbone.from_pretrained(model_path, DTYPES[cfg.model.dtype]).to(device)
@@ -72,8 +90,7 @@ def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | No
         backbone = HFBackbone.empty(model_path, cfg.model.dtype, zero3=fill == "zero3")
     else:
         backbone = HFBackbone.from_pretrained(model_path, cfg.model.dtype).to(device)
-    backbone_hash = source_fingerprint(model_path) if torch_dist else fingerprint(model_path)
-    return Run(cfg, model_path, backbone_hash, tok, task, template, cands, backbone, device)
+    return Run(cfg, model_path, backbone_hash, tok, task, template, cands, backbone, device, backbone.hidden_size)
 
 
 def examples(run: Run, split: str, manual: bool = False) -> list[Example]:

@@ -9,7 +9,7 @@ import pickle
 import sys
 
 import pytest
-from distutil import COMMON, ROOT, WORKER, losses, run, torchrun
+from distutil import COMMON, LLAMA_RTE, ROOT, WORKER, losses, run, torchrun
 
 from ptuning_dist.backbone.hf import fingerprint
 
@@ -69,17 +69,25 @@ def test_training_from_torch_dist_matches_single_process(backbone, reference, tm
 def test_bad_torch_dist_checkpoints(sharded_dirs, llama_td, tmp_path):
     import shutil
 
-    def refused(d, *want):
-        p = torchrun(1, CHECK, sharded_dirs["llama"], d, 1, 1, tmp_path / "x", ok=False)
-        assert p.returncode != 0
-        line = [x for x in p.stderr.splitlines() if "CheckpointError" in x]
-        assert line and all(w in line[-1] for w in want), p.stderr[-3000:]
+    def refused(d, *want):  # from the launcher: exit 2, one error line, before any step
+        out = tmp_path / ("out_" + d.name)
+        p = run([sys.executable, ROOT / "launchers" / "train.py", "--model", d, "--backend", "megatron",
+                 "--output_dir", out, "--max_steps", 1, *LLAMA_RTE], ok=False)
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode == 2 and last.startswith("error: ") and all(w in last for w in want), p.stderr[-3000:]
+        assert not (out / "metrics.jsonl").exists()
 
     other = shutil.copytree(llama_td, tmp_path / "other")  # a config of another size beside the weights
     cfg = json.loads((other / "config.json").read_text())
     cfg["intermediate_size"] *= 2
     (other / "config.json").write_text(json.dumps(cfg))
-    refused(other, str(other), "linear_fc1.weight", "global shape")
+    refused(other, str(other), "mlp.linear_fc", "global shape", "config.json beside it implies")
+
+    cut = shutil.copytree(sharded_dirs["llama"], tmp_path / "cut")  # a truncated safetensors shard
+    index = json.loads((cut / "model.safetensors.index.json").read_text())["weight_map"]
+    victim = cut / index["model.layers.1.mlp.down_proj.weight"]
+    victim.write_bytes(victim.read_bytes()[:-64])
+    refused(cut, f"{victim}: truncated: tensor 'model.layers.")
 
     evil = shutil.copytree(llama_td, tmp_path / "evil")  # metadata that would run code when unpickled
 

@@ -131,3 +131,16 @@ def test_single_file_models_load_too(family_dirs, tmp_path):
     got, files = _stage(d, torch.float32, 2, 1, 1, 0)
     want = whole_model_stage(hf, torch.float32, 2, 1, 1, 0)
     assert all(torch.equal(got[n], w) for n, w in want.items()) and files.files_opened == ["model.safetensors"]
+
+
+def test_mistral_window_refused_where_it_would_bind(sharded_dirs, tmp_path):
+    """The megatron backend attends over the whole sequence: a Mistral window shorter than the
+    run's sequences is refused at build, before any process group or weight read."""
+    from ptuning_dist.config import from_dict
+    from ptuning_dist.errors import ConfigError
+    from ptuning_dist.train.build import build_run
+
+    cfg = from_dict({}, {"model.path": str(sharded_dirs["mistral"]), "model.backend": "megatron", "data.task": "rte",
+                         "data.max_seq_len": 300, "train.output_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="data.max_seq_len = 300 exceeds .*config.json's sliding_window 256"):
+        build_run(cfg, torch.device("cpu"))
