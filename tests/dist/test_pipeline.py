@@ -1,12 +1,10 @@
 """Pipeline parallelism (megatron-core 1F1B) on 2-4 gloo ranks against the single-process HF run."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
-from distutil import (COMMON, LLAMA_RTE, ROOT, TRAIN, WORKER, assert_matches_reference, assert_partitions_predicted,
-                      losses, record, run, torchrun)
+from distutil import (COMMON, LLAMA_RTE, WORKER, assert_matches_reference, assert_partitions_predicted,
+                      losses, record, torchrun)
 
 
 @pytest.mark.parametrize("tp,pp,world", [(1, 2, 2), (1, 2, 4), (2, 2, 4)])  # PP=2; PP=2 x DP=2; TP=2 x PP=2

@@ -87,7 +87,7 @@ def test_bad_torch_dist_checkpoints(sharded_dirs, llama_td, tmp_path):
     index = json.loads((cut / "model.safetensors.index.json").read_text())["weight_map"]
     victim = cut / index["model.layers.1.mlp.down_proj.weight"]
     victim.write_bytes(victim.read_bytes()[:-64])
-    refused(cut, f"{victim}: truncated: tensor 'model.layers.")
+    refused(cut, f"{victim}: truncated: tensor '")  # names the file's first tensor past its end
 
     evil = shutil.copytree(llama_td, tmp_path / "evil")  # metadata that would run code when unpickled
 

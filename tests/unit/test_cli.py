@@ -90,7 +90,18 @@ def test_plan_flag_errors_are_one_line_and_exit_2(capsys):
     assert err == "error: --tp: expected int, got 'two'\n"
 
 
-@pytest.mark.parametrize("name", ["ptuning-train", "ptuning-evaluate", "ptuning-export", "ptuning-plan"])
+def test_convert_flag_errors_are_one_line_and_exit_2(capsys, tmp_path):
+    from ptuning_dist.cli import convert as cli_convert
+
+    assert cli_convert.main(["--model", str(tmp_path), "--out", str(tmp_path / "o"), "--tp", "0"]) == 2
+    assert capsys.readouterr().err == "error: --tp must be >= 1, not 0\n"
+    assert cli_convert.main(["--model", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.path: ") and "no config.json" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["ptuning-train", "ptuning-evaluate", "ptuning-export", "ptuning-plan",
+                                  "ptuning-convert"])
 def test_console_scripts(name):
     p = subprocess.run([str(BIN / name), "--help"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.startswith(f"usage: {name}"), p.stderr[-2000:]
