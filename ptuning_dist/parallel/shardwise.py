@@ -23,6 +23,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# what torch's checkpoint_wrapper inserts into the names of the modules it wraps
+CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
+
 
 def fill_partitions(backbone, zero3: bool, device: torch.device) -> dict:
     """Fill every frozen parameter's partition of ``backbone`` (an ``HFBackbone.empty``) from its
@@ -37,7 +40,8 @@ def fill_partitions(backbone, zero3: bool, device: torch.device) -> dict:
             for n, b in model.named_buffers():
                 b.copy_(buffers[n])
     with WeightFiles(backbone.path, backbone.dtype) as files, torch.no_grad():
-        for name, p in model.named_parameters():
+        for wrapped, p in model.named_parameters():
+            name = wrapped.replace(CHECKPOINT_PREFIX, "")  # activation checkpointing wrapped the blocks first
             if zero3:
                 numel, part = p.ds_numel, p.ds_tensor.numel()
                 start = min(dist.get_rank(group=p.ds_process_group) * part, numel)
