@@ -114,7 +114,7 @@ def _check_shapes(ckpt_dir, sharded: dict) -> None:
 
 def load_stage(model_dir, dtype: torch.dtype, tp: int, tp_rank: int, pp: int, stage: int):
     """This rank's frozen GPTModel stage read from a ``torch_dist`` directory (any TP/PP). Returns
-    (GPTModel, a report of the files the load touched)."""
+    (GPTModel, a report naming the checkpoint)."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
@@ -138,7 +138,7 @@ def load_stage(model_dir, dtype: torch.dtype, tp: int, tp_rank: int, pp: int, st
         raise CheckpointError(f"{model_dir}: the torch_dist checkpoint did not load ({str(e).splitlines()[0]})") from None
     fill(gpt, {k: (lambda v=v: v) for k, v in state.items() if not k.endswith("_extra_state")},
          f"{model_dir} stage {stage}")
-    return gpt, {"format": "torch_dist", "files_opened": sorted(p.name for p in model_dir.glob("*.distcp"))}
+    return gpt, {"format": "torch_dist", "checkpoint": str(model_dir)}  # megatron-core does the reading
 
 
 def save_stage(gpt, cfg, out_dir, pp: int) -> None:

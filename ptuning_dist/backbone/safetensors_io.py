@@ -143,11 +143,6 @@ class WeightFiles:
             return list(self.weight_map)
         return list(self._file(SINGLE).tensors)
 
-    def has(self, name: str) -> bool:
-        if self.weight_map is not None:
-            return name in self.weight_map
-        return name in self._file(SINGLE).tensors
-
     def _file(self, file: str) -> _File:
         if file not in self._files:
             self._files[file] = _File(self.dir / file)
