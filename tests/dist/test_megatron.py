@@ -13,8 +13,8 @@ from distutil import ROOT
 from ptuning_dist.parallel.launch import free_port
 
 
-@pytest.mark.parametrize("family,tp", [(f, tp) for f in ("gpt2", "llama", "mistral", "qwen2") for tp in (1, 2)]
-                         + [("qwen2", 4), ("gpt2", 4)])
+@pytest.mark.parametrize("family,tp", [("gpt2", 1), ("gpt2", 2), ("llama", 1), ("llama", 2), ("mistral", 2),
+                                       ("qwen2", 2), ("qwen2", 4)])  # every family sharded; TP 4 with GQA
 def test_megatron_forward_and_splice_equal_hf_and_reference(sharded_dirs, tmp_path, tp, family):
     """Read shard-wise from many small safetensors files (conftest.sharded_dirs)."""
     out = tmp_path / "r.json"
