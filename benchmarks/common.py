@@ -37,6 +37,21 @@ def parse_args(doc: str, steps: int, quick_help: str) -> argparse.Namespace:
     return args
 
 
+def proc_status(key: str) -> int:
+    """A byte count from /proc/self/status (``VmRSS``, ``VmHWM``, ``RssAnon``, ``RssFile``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def machine() -> str:
     return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only (gloo), "
             f"{time.strftime('%Y-%m-%d')}")

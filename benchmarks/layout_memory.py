@@ -31,7 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import build_backbone, machine, observed_recipe, parse_args, write_section  # noqa: E402
+from common import (build_backbone, machine, observed_recipe, parse_args, proc_status,  # noqa: E402
+                    reset_peak, write_section)
 BEGIN, END = "<!-- layout_memory:begin -->", "<!-- layout_memory:end -->"
 MICRO, ACCUM = 8, 2  # micro-batches per step per DP rank: two, so a pipeline has something to overlap
 
@@ -49,19 +50,6 @@ LAYOUTS = [
 # One thread per rank (2 cores here). glibc's mmap threshold pinned at 1 MiB from process start: what
 # --host_malloc mmap sets before the model loads, here also before the runtime baseline is read.
 ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 def worker(args) -> None:
@@ -83,8 +71,8 @@ def worker(args) -> None:
     D = launch.init(need_group=True, timeout_s=cfg.parallel.dist_timeout_s)  # train() reuses both
     launch.init_model_parallel(cfg.parallel.tp, cfg.parallel.pp)
     D.barrier()
-    rec = {"baseline_rss": _status("VmRSS"), "seq_len": 0,
-           "rss_parts": {"baseline": [_status("RssAnon"), _status("RssFile")]},
+    rec = {"baseline_rss": proc_status("VmRSS"), "seq_len": 0,
+           "rss_parts": {"baseline": [proc_status("RssAnon"), proc_status("RssFile")]},
            "coords": [ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
                       ps.get_data_parallel_rank()]}
 
@@ -95,8 +83,8 @@ def worker(args) -> None:
             rec["frozen_bytes_held"] = sum(local for _, _, local in rec["partitions"]) * size
             rec["dtype_bytes"] = size
             rec["n_prompt"] = None if encoder is None else encoder.n_prompt
-            rec["setup_peak"], rec["setup_rss"] = _status("VmHWM"), _status("VmRSS")
-            rec["rss_parts"]["setup"] = [_status("RssAnon"), _status("RssFile")]
+            rec["setup_peak"], rec["setup_rss"] = proc_status("VmHWM"), proc_status("VmRSS")
+            rec["rss_parts"]["setup"] = [proc_status("RssAnon"), proc_status("RssFile")]
 
             def seq_len(_, a, kw):  # the training micro-batches' length as the backbone sees them
                 ids_BS = a[0] if a and torch.is_tensor(a[0]) else kw.get("ids_BS")
@@ -104,11 +92,11 @@ def worker(args) -> None:
                     rec["seq_len"] = max(rec["seq_len"], ids_BS.shape[1])
 
             model.frozen.register_forward_pre_hook(seq_len, with_kwargs=True)
-            _reset_peak()
+            reset_peak()
 
         def after_backward(self, step, encoder):
-            rec["step_peak"] = _status("VmHWM")  # the last step's: after every earlier optimizer step
-            rec["rss_parts"][f"step{step}"] = [_status("RssAnon"), _status("RssFile")]
+            rec["step_peak"] = proc_status("VmHWM")  # the last step's: after every earlier optimizer step
+            rec["rss_parts"][f"step{step}"] = [proc_status("RssAnon"), proc_status("RssFile")]
 
     observed_recipe(Hooks())(cfg, log=lambda *a: None).run()
     Path(args.record, f"rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(rec))

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine, observed_recipe, parse_args, write_section  # noqa: E402
+from common import machine, observed_recipe, parse_args, proc_status, reset_peak, write_section  # noqa: E402
 
 BEGIN, END = "<!-- load_scale:begin -->", "<!-- load_scale:end -->"
 CACHE = Path(os.environ.get("PTUNING_BENCH_CACHE", Path.home() / ".cache" / "ptuning_dist" / "load_scale"))
@@ -96,19 +96,6 @@ def build_model(out: Path, shape: dict, shard_bytes: int) -> Path:
     return out
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def worker(args) -> None:
     import torch.distributed  # noqa: F401 - everything a run imports, before the runtime is read
     import transformers  # noqa: F401
@@ -119,14 +106,14 @@ def worker(args) -> None:
 
     quiet_libraries()
     rank = int(os.environ.get("RANK", 0))
-    rec = {"runtime_rss": _status("VmRSS")}
+    rec = {"runtime_rss": proc_status("VmRSS")}
     if args.rest[0] == "--convert":
         from ptuning_dist.cli.convert import ConvertArgs, convert
 
         t0 = time.perf_counter()
         src, out = args.rest[1], args.rest[2]
         convert(ConvertArgs(model=src, out=out, tp=2, pp=2))
-        rec.update(seconds=time.perf_counter() - t0, peak=_status("VmHWM"))
+        rec.update(seconds=time.perf_counter() - t0, peak=proc_status("VmHWM"))
         Path(args.record, f"rank{rank}.json").write_text(json.dumps(rec))
         return
     from ptuning_dist.cli.train import parse
@@ -140,13 +127,13 @@ def worker(args) -> None:
     class Hooks:
         def after_setup(self, model, encoder, engine):
             rec["setup_s"] = time.perf_counter() - t0
-            rec["setup_peak"] = _status("VmHWM")
+            rec["setup_peak"] = proc_status("VmHWM")
             size = model.frozen.backbone.dtype.itemsize
             rec["held_bytes"] = sum(local for _, _, local in partition_sizes(model.frozen)) * size
-            _reset_peak()
+            reset_peak()
 
         def after_backward(self, step, encoder):
-            rec["step_peak"] = _status("VmHWM")
+            rec["step_peak"] = proc_status("VmHWM")
 
     observed_recipe(Hooks())(cfg, log=lambda *a: None).run()
     Path(args.record, f"rank{rank}.json").write_text(json.dumps(rec))
