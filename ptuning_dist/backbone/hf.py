@@ -36,6 +36,7 @@ class HFBackbone(nn.Module):
         model.eval()  # frozen: no dropout in the backbone, same numerics in train and eval
         self.model = model
         self.path = path
+        self.unfilled: str | None = None  # "zero3" / "fsdp2": built empty, parallelize fills the partitions
         self.hidden_size = model.get_input_embeddings().embedding_dim  # weight may be ZeRO-3 partitioned
 
     @classmethod
@@ -66,7 +67,9 @@ class HFBackbone(nn.Module):
         with no_init_weights(), (nullcontext() if zero3 else params_on_meta()):
             model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
         model.tie_weights()  # no_init_weights skips init_weights, which is where from_config ties the head
-        return cls(model, str(path))
+        bb = cls(model, str(path))
+        bb.unfilled = "zero3" if zero3 else "fsdp2"
+        return bb
 
     def train(self, mode: bool = True):
         super().train(mode)

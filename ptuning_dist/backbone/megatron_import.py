@@ -106,11 +106,12 @@ def stage_tensors(fam, read, cfg, tp: int, tp_rank: int, pp: int, stage: int) ->
     for local in range(per):
         for name, thunk in fam.megatron_layer(read, cfg, tp, tp_rank, stage * per + local).items():
             out[f"decoder.layers.{local}.{name}"] = thunk
-    for name, thunk in fam.megatron_globals(read, cfg, tp, tp_rank).items():
+    globals_ = fam.megatron_globals(read, cfg, tp, tp_rank)
+    for name, thunk in globals_.items():
         if name.startswith("embedding.") and first or not name.startswith("embedding.") and last:
             out[name] = thunk
     if last and shape.tied_embeddings and pp > 1:  # the last stage's own copy of the tied head
-        out["output_layer.weight"] = fam.megatron_globals(read, cfg, tp, tp_rank)["embedding.word_embeddings.weight"]
+        out["output_layer.weight"] = globals_["embedding.word_embeddings.weight"]
     return out
 
 

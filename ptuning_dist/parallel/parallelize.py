@@ -178,11 +178,12 @@ def parallelize(model, plan: ParallelPlan) -> Parallelized:
         from ptuning_dist.parallel.fsdp import shard_frozen_fsdp2
 
         shard_frozen_fsdp2(model, dp_group)
-    fill = plan.fill(model.backbone.path) if not plan.megatron else None
-    if fill is not None:
+    unfilled = getattr(model.backbone, "unfilled", None)  # an HF backbone built empty by plan.fill's choice
+    if unfilled is not None:
         from ptuning_dist.parallel.shardwise import fill_partitions
 
-        plan.load_report = fill_partitions(model.backbone, fill == "zero3", plan.device)
+        plan.load_report = fill_partitions(model.backbone, unfilled == "zero3", plan.device)
+        model.backbone.unfilled = None
     pipeline = None
     if p.pp > 1:
         from ptuning_dist.parallel.pipeline import PipelineSchedule
