@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ Backend = Literal["hf", "megatron"]
 Splice = Literal["fused", "reference"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 EncoderKind = Literal["lstm", "mlp", "embedding"]
+Sharing = Literal["per_group", "shared"]
+Batching = Literal["mixed", "by_group"]
+LrSchedule = Literal["linear", "constant"]
 TaskName = Literal["default", "lama", "rte", "cb", "boolq", "wic"]
 Packing = Literal["auto", "on", "off"]
 HostMalloc = Literal["auto", "mmap", "trim", "off"]
@@ -111,6 +115,9 @@ class PromptConfig(Section):
     task's default."""
     lstm_dropout: float = 0.0
     """Dropout between the two LSTM layers (the paper's code: 0)."""
+    sharing: Sharing = "per_group"
+    """'per_group': one prompt (its own encoder and table rows) per LAMA relation or per task, as the
+    paper learns them, all trained in one run; 'shared': one prompt for every row."""
 
     def check(self):
         _require(0.0 <= self.lstm_dropout < 1.0, "prompt.lstm_dropout", "must be in [0, 1)")
@@ -139,10 +146,18 @@ class DataConfig(Section):
     max_seq_len positions, no padding; same loss, less work. 'off': rows padded to the longest of
     their micro-batch. 'auto': 'on' with the hf backend, 'off' with megatron (its attention takes no
     packed mask yet)."""
+    batching: Batching = "mixed"
+    """'mixed': each step samples from all rows; 'by_group': each step's global batch comes from one
+    prompt group (groups take turns, each with its own shuffled stream), as separate per-relation
+    runs would see their rows; packed forwards then keep the group's prompt prefix shared."""
     train_split: str = "train"
     """The training split (LAMA: a file name in each relation folder; SuperGLUE: train)."""
     eval_split: str = "dev"
-    """The split evaluated during and after training (LAMA: a file name; SuperGLUE: dev32 or val)."""
+    """The split evaluated during and after training, and the one best-on-dev selection reads (LAMA:
+    a file name; SuperGLUE: dev32 or val)."""
+    test_split: str | None = "test"
+    """The held-out split the selected tables are finally evaluated on (LAMA: a file name; SuperGLUE:
+    'test' reads val.jsonl); skipped when the task has no such split or it is the eval_split. None: none."""
 
     def check(self):
         _require(self.max_seq_len >= 8, "data.max_seq_len", f"must be >= 8, got {self.max_seq_len}")
@@ -153,16 +168,23 @@ class TrainConfig(Section):
     name: ClassVar[str] = "train"
     output_dir: str = "runs/default"
     """Where metrics.jsonl, eval.json, checkpoints, the encoder and the exported prompt table go."""
-    max_steps: int = 300
-    """Optimizer steps (each of global_batch_size samples)."""
+    max_steps: int | None = None
+    """Optimizer steps (each of global_batch_size samples). None: from train.epochs, or 300 when that
+    is unset too. The run records the resolved number in run_config.json."""
+    epochs: float | None = None
+    """Passes over the training rows instead of max_steps: max_steps = ceil(epochs x rows /
+    global_batch_size), counted on the global sample stream (the same on any number of ranks)."""
     lr: float = 5e-3
-    """AdamW learning rate of the encoder."""
+    """AdamW learning rate of the encoders."""
+    lr_schedule: LrSchedule = "linear"
+    """'linear': warm-up over warmup_steps, then linear decay to 0 at max_steps; 'constant': warm-up,
+    then constant."""
     weight_decay: float = 0.0
-    """AdamW weight decay of the encoder."""
+    """AdamW weight decay of the encoders."""
     warmup_steps: int = 0
-    """Linear warm-up, then linear decay to 0 at max_steps."""
+    """Linear warm-up steps (see lr_schedule)."""
     max_grad_norm: float = 1.0
-    """Clip the encoder's gradient norm (0: off)."""
+    """Clip each prompt group's gradient norm on its own, as separate runs would (0: off)."""
     micro_batch_size: int = 16
     """Samples per forward on one rank (packed forwards are filled up to as many positions)."""
     global_batch_size: int | None = None
@@ -173,7 +195,14 @@ class TrainConfig(Section):
     log_every: int = 10
     """Log a metrics line (and sync the host for the loss) every N steps."""
     eval_every: int = 0
-    """Evaluate every N steps (0: only at the end)."""
+    """Evaluate on data.eval_split every N steps (0: only at the end, unless eval_every_epoch)."""
+    eval_every_epoch: bool = False
+    """Evaluate on data.eval_split after every epoch (ceil(rows / global_batch_size) steps)."""
+    select_best: bool = True
+    """With evaluations during training: export (and evaluate on data.test_split) each prompt
+    group's table from its best evaluation on data.eval_split, not the last step's."""
+    patience: int = 0
+    """Stop early after this many evaluations in a row in which no prompt group improved (0: never)."""
     eval_batch_size: int = 32
     """Samples per evaluation forward on one rank."""
     save_every: int = 0
@@ -186,8 +215,14 @@ class TrainConfig(Section):
     def check(self):
         _require(self.save_every >= 0 and self.keep_checkpoints >= 1, "train.save_every/keep_checkpoints",
                  "save_every must be >= 0 and keep_checkpoints >= 1")
-        for name in ("max_steps", "micro_batch_size", "log_every", "eval_batch_size"):
+        for name in ("micro_batch_size", "log_every", "eval_batch_size"):
             _require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.max_steps is None or self.epochs is None, "train.max_steps/epochs",
+                 f"give one of them, not both (max_steps {self.max_steps}, epochs {self.epochs})")
+        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(self.epochs is None or 0 < self.epochs < float("inf"), "train.epochs",
+                 f"must be a finite number > 0, got {self.epochs}")
+        _require(self.patience >= 0, "train.patience", f"must be >= 0, got {self.patience}")
         _require(self.global_batch_size is None or self.global_batch_size >= 1, "train.global_batch_size",
                  f"must be >= 1, got {self.global_batch_size}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
@@ -238,6 +273,15 @@ class RunConfig:
     def pack_to(self) -> int | None:
         """The packed sequence length (collate's ``pack_to``), or None when micro-batches are padded."""
         return self.data.max_seq_len if self.data.packing != "off" and self.model.backend == "hf" else None
+
+    def resolve_steps(self, n_train: int) -> int:
+        """Fix train.max_steps from train.epochs (or the 300-step default) once the training rows and
+        the global batch are known (after ``layout``); returns the steps of one epoch."""
+        t = self.train
+        per_epoch = -(-n_train // t.global_batch_size)
+        if t.max_steps is None:
+            t.max_steps = max(1, math.ceil(t.epochs * n_train / t.global_batch_size)) if t.epochs else 300
+        return per_epoch
 
     def layout(self, world_size: int) -> tuple[int, int]:
         """(dp, accumulation) for this world size (``planning.layout``'s rules, naming this config's

@@ -54,6 +54,8 @@ def main(argv=None) -> int:
                 raise PTuningError(f"--template {cfg.prompt.template!r} differs from the table's {meta['template']!r}")
             cfg.prompt.template = meta["template"]
         run_ = build_run(cfg)
+        if args.prompt_table:  # the rows each group's slots index: the table's own mapping
+            run_.groups = meta["groups"]
         cands = run_.cands.tensor()
         cands = None if cands is None else cands.to(run_.device)
         prompt = None

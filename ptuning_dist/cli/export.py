@@ -24,9 +24,8 @@ class ExportArgs:
 def main(argv=None) -> int:
     def go():
         from ptuning_dist.config import from_dict, load_file
-        from ptuning_dist.prompt.encoder import PromptEncoder
         from ptuning_dist.prompt.export import ENCODER_FILE, load_encoder, save_table
-        from ptuning_dist.train.build import build_run
+        from ptuning_dist.train.build import build_encoders, build_run
 
         p = argparse.ArgumentParser(prog="ptuning-export", description=DESCRIPTION)
         own = cli_args.add_fields(p, ExportArgs)
@@ -36,11 +35,11 @@ def main(argv=None) -> int:
         # one process, no weights read: the table needs the backbone's hidden size (config.json), its
         # fingerprint and tokenizer, however the run was parallelised and whatever the format
         run_ = build_run(cfg, device=None, load_backbone=False)
-        enc = PromptEncoder(cfg.prompt.encoder, run_.template.n_prompt, run_.hidden_size)
+        enc = build_encoders(run_, cfg.train.seed)  # one per prompt group, as the run had them
         load_encoder(run_dir / ENCODER_FILE, enc)
         out = save_table(args.out or run_dir / "prompt_table", enc.export_table(), template=run_.template.text,
                          backbone_path=str(run_.model_path), backbone_hash=run_.backbone_hash,
-                         tokenizer=str(run_.model_path), vocab_size=run_.tok.vocab_size,
+                         tokenizer=str(run_.model_path), vocab_size=run_.tok.vocab_size, groups=run_.groups,
                          extra={"task": cfg.data.task, "encoder": cfg.prompt.encoder})
         print(f"prompt table -> {out}")
 

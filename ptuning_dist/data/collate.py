@@ -5,6 +5,7 @@ Everything here runs on the CPU in the data loader, so the training step gets th
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,18 +83,24 @@ def _rows_if_any(task: Task, split: str) -> list[Row]:
 
 @dataclass(frozen=True)
 class Example:
-    enc: Encoded
+    enc: Encoded  # prompt_slot already offset to the row's group's rows of the stacked table
     label: int  # index into the candidates (or the vocabulary id when all ids are scored)
-    group: str
+    group: str  # the row's group (LAMA relation / task): metrics are per group
+    pgroup: int = 0  # index of its prompt group (prompt/groups.py): which encoder its slots train
 
 
 def encode_rows(
-    rows: list[Row], template_for: Callable[[Row], Template], tok, max_len: int, cands: Candidates
+    rows: list[Row], template_for: Callable[[Row], Template], tok, max_len: int, cands: Candidates,
+    prompt_group_of: Callable[[Row], tuple[int, int]] = lambda row: (0, 0),
 ) -> list[Example]:
+    """``prompt_group_of(row)`` -> (prompt group index, its first row in the stacked table)."""
     out = []
     for row in rows:
         enc = template_for(row).encode(row.values, row.target, tok, max_len, row.where)
-        out.append(Example(enc, cands.label_of(enc.target_id, row), row.group))
+        g, offset = prompt_group_of(row)
+        if offset:
+            enc = dataclasses.replace(enc, prompt_slot=tuple(s + offset for s in enc.prompt_slot))
+        out.append(Example(enc, cands.label_of(enc.target_id, row), row.group, g))
     if not out:
         raise DataError("no examples: the data split is empty")
     return out
@@ -125,6 +132,12 @@ class SampleStream:
             out.append(self._perm_of(s // self.n)[s % self.n])
         self.consumed += batch
         return out
+
+    def state(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state(self, state: dict) -> None:
+        self.consumed = state["consumed"]
 
 
 def collate(examples: list[Example], pad_id: int, seq_len: int | None = None, pack_to: int | None = None) -> Batch:

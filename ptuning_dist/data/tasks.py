@@ -68,6 +68,7 @@ class Task:
     verbalizer: dict[str, str] | None = None  # label -> target word (classification)
     default_allowed_vocab: str = "full"  # LAMA: which ids the head scores when the config says None
     splits: dict[str, str]  # split name -> file name
+    select_metric: str = "accuracy"  # what best-on-dev selection compares (LAMA: P@1 of the group)
 
     def __init__(self, data_dir: str | Path | None):
         self.data_dir = Path(data_dir) if data_dir else self.default_dir()
@@ -77,6 +78,15 @@ class Task:
 
     def rows(self, split: str) -> list[Row]:
         raise NotImplementedError
+
+    def has_split(self, split: str) -> bool:
+        """Whether the data has this split (a split some relations have and others lack is an error)."""
+        raise NotImplementedError
+
+    def groups(self) -> list[str]:
+        """The groups rows belong to (``Row.group``), in a fixed order: one prompt each under
+        prompt.sharing = per_group."""
+        return [self.name]
 
     def manual_template(self, group: str) -> str:
         """The hand-written template of the manual baseline (no prompt slots)."""
@@ -114,6 +124,17 @@ class LamaTask(Task):
                 out.append(Row({"sub_label": _get(obj, "sub_label", where)}, obj_label, obj_label, rel, where))
         return out
 
+    def groups(self) -> list[str]:
+        return list(self.relations)
+
+    def has_split(self, split: str) -> bool:
+        have = [rel for rel in self.relations if (self.data_dir / rel / f"{split}.jsonl").is_file()]
+        if have and len(have) != len(self.relations):
+            missing = sorted(set(self.relations) - set(have))
+            raise DataError(f"split {split!r}: {self.data_dir}/<relation>/{split}.jsonl is missing for {missing} "
+                            f"(present for {len(have)} relations)")
+        return bool(have)
+
     def manual_template(self, group: str) -> str:
         return self.templates[group].replace("[X]", "{sub_label}").replace("[Y]", "[MASK]")
 
@@ -138,6 +159,9 @@ class SuperGlueTask(Task):
         if here.is_dir():
             return here.resolve()
         return super().default_dir()
+
+    def has_split(self, split: str) -> bool:
+        return split in self.splits and (self.data_dir / self.splits[split]).is_file()
 
     def rows(self, split: str) -> list[Row]:
         if split not in self.splits:
@@ -171,6 +195,7 @@ class CbTask(SuperGlueTask):
     fields = ("premise", "hypothesis")
     default_template = "{premise} Question: {hypothesis} ? [P*3] Answer: [MASK] ."
     verbalizer = {"entailment": "yes", "contradiction": "no", "neutral": "maybe"}
+    select_metric = "macro_f1"  # three unbalanced classes: the paper reports CB's F1 beside accuracy
 
 
 class BoolqTask(SuperGlueTask):

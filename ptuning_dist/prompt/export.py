@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ptuning_dist.errors import CheckpointError
+from ptuning_dist.prompt.groups import SHARED, PromptGroups
 
 TABLE_FILE, META_FILE = "prompt_table.safetensors", "prompt_table.json"
 ENCODER_FILE = "encoder.safetensors"
@@ -29,7 +30,8 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_table(out_dir, table_MH: torch.Tensor, *, template: str, backbone_path: str, backbone_hash: str,
-               tokenizer: str, vocab_size: int, extra: dict | None = None) -> Path:
+               tokenizer: str, vocab_size: int, groups: PromptGroups | None = None, extra: dict | None = None) -> Path:
+    """``groups``: which rows belong to which prompt group (None: one group, all rows)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table_MH = table_MH.detach().float().cpu().contiguous()
@@ -42,6 +44,7 @@ def save_table(out_dir, table_MH: torch.Tensor, *, template: str, backbone_path:
         "tokenizer": tokenizer,
         "vocab_size": int(vocab_size),
         "backbone": {"path": backbone_path, "fingerprint": backbone_hash},
+        "groups": (groups or PromptGroups.of([SHARED], int(table_MH.shape[0]))).to_json(),
         **(extra or {}),
     }
     _atomic_write(out_dir / TABLE_FILE, lambda p: save_file({"prompt_table": table_MH}, str(p)))
@@ -50,7 +53,8 @@ def save_table(out_dir, table_MH: torch.Tensor, *, template: str, backbone_path:
 
 
 def load_table(path, backbone_hash: str | None = None) -> tuple[torch.Tensor, dict]:
-    """(table_MH, meta) from a directory holding the two files; a mismatch is a CheckpointError."""
+    """(table_MH, meta) from a directory holding the two files; a mismatch is a CheckpointError.
+    ``meta["groups"]`` is a ``PromptGroups`` (each group's rows of the table)."""
     path = Path(path)
     tfile, mfile = path / TABLE_FILE, path / META_FILE
     for f in (tfile, mfile):
@@ -64,6 +68,10 @@ def load_table(path, backbone_hash: str | None = None) -> tuple[torch.Tensor, di
     shape = (meta.get("n_prompt"), meta.get("hidden_size"))
     if tuple(table_MH.shape) != shape:
         raise CheckpointError(f"prompt table {tfile}: shape {tuple(table_MH.shape)} != {shape} in {mfile}")
+    groups = PromptGroups.from_json(meta.get("groups", {SHARED: [0, shape[0]]}), str(mfile))  # older sidecars: one
+    if groups.total != shape[0]:
+        raise CheckpointError(f"{mfile}: its groups cover {groups.total} rows, the table has {shape[0]}")
+    meta["groups"] = groups
     if backbone_hash is not None and meta["backbone"]["fingerprint"] != backbone_hash:
         raise CheckpointError(
             f"prompt table {path} was trained on backbone {meta['backbone']['path']} "

@@ -21,7 +21,8 @@ from ptuning_dist.data.tasks import Task, build_task
 from ptuning_dist.data.tokenizer import PieceTokenizer
 from ptuning_dist.errors import ConfigError
 from ptuning_dist.model import PTuningModel
-from ptuning_dist.prompt.encoder import PromptEncoder
+from ptuning_dist.prompt.batched import PromptEncoders
+from ptuning_dist.prompt.groups import SHARED, PromptGroups
 from ptuning_dist.prompt.template import Template
 
 
@@ -37,6 +38,11 @@ class Run:
     backbone: nn.Module | None  # HFBackbone or MegatronBackbone (backbone/base.py); None: not loaded
     device: torch.device
     hidden_size: int = 0
+    groups: PromptGroups | None = None  # the prompt groups (prompt/groups.py): rows of the stacked table
+
+    def prompt_group(self, row_group: str) -> str:
+        """The prompt group a row of ``row_group`` (its LAMA relation or task) trains."""
+        return SHARED if self.groups.names == (SHARED,) else row_group
 
 
 def resolve_model_path(cfg: RunConfig) -> Path:
@@ -58,6 +64,7 @@ def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | No
     tok = PieceTokenizer.from_dir(model_path)
     task = build_task(cfg.data.task, cfg.data.data_dir, cfg.data.relations)
     template = Template(cfg.prompt.template or task.default_template, fields=task.fields)
+    groups = prompt_groups(cfg.prompt.sharing, task, template.n_prompt)
     mask_space = template.parts[-1].space_before
     cands = build_candidates(task, tok, cfg.data.allowed_vocab, mask_space)
     from ptuning_dist.backbone.megatron_dist import is_torch_dist, source_fingerprint
@@ -68,7 +75,7 @@ def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | No
         from ptuning_dist.backbone.megatron_import import hf_config
 
         return Run(cfg, model_path, backbone_hash, tok, task, template, cands, None, device,
-                   hf_config(model_path).hidden_size)
+                   hf_config(model_path).hidden_size, groups)
     if torch_dist and cfg.model.backend != "megatron":
         raise ConfigError(f"model.path: {model_path} is a megatron-core torch_dist checkpoint; it loads on "
                           "model.backend = megatron (--backend megatron)")
@@ -90,7 +97,13 @@ def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | No
         backbone = HFBackbone.empty(model_path, cfg.model.dtype, zero3=fill == "zero3")
     else:
         backbone = HFBackbone.from_pretrained(model_path, cfg.model.dtype).to(device)
-    return Run(cfg, model_path, backbone_hash, tok, task, template, cands, backbone, device, backbone.hidden_size)
+    return Run(cfg, model_path, backbone_hash, tok, task, template, cands, backbone, device, backbone.hidden_size,
+               groups)
+
+
+def prompt_groups(sharing: str, task: Task, n_prompt: int) -> PromptGroups:
+    """One group per task group (LAMA relation, or the task) under 'per_group'; one under 'shared'."""
+    return PromptGroups.of([SHARED] if sharing == "shared" else task.groups(), n_prompt)
 
 
 def examples(run: Run, split: str, manual: bool = False) -> list[Example]:
@@ -102,17 +115,31 @@ def examples(run: Run, split: str, manual: bool = False) -> list[Example]:
         template_for = lambda row: templates[row.group]  # noqa: E731
     else:
         template_for = lambda row: run.template  # noqa: E731
-    return encode_rows(rows, template_for, run.tok, run.cfg.data.max_seq_len, run.cands)
+    groups = run.groups
+
+    def prompt_group_of(row):
+        name = run.prompt_group(row.group)
+        if name not in groups.names:
+            raise ConfigError(f"{row.where}: group {row.group!r} has no prompt; the prompt groups are "
+                              f"{list(groups.names)}")
+        return groups.index(name), groups.rows(name)[0]
+
+    return encode_rows(rows, template_for, run.tok, run.cfg.data.max_seq_len, run.cands, prompt_group_of)
 
 
-def build_model(run: Run, seed: int) -> tuple[PTuningModel, PromptEncoder | None]:
-    """The encoder (seeded: identical on every rank) and the model around the frozen backbone.
-    Under pipeline parallelism only the first stage holds the encoder (None elsewhere)."""
+def build_encoders(run: Run, seed: int) -> PromptEncoders:
+    """The run's prompt encoders, one per group, each seeded from (seed, its name): identical on
+    every rank, and a group's start does not depend on the other groups."""
+    return PromptEncoders(run.cfg.prompt.encoder, run.groups, run.hidden_size, run.cfg.prompt.lstm_dropout, seed)
+
+
+def build_model(run: Run, seed: int) -> tuple[PTuningModel, PromptEncoders | None]:
+    """The encoders and the model around the frozen backbone. Under pipeline parallelism only
+    the first stage holds the encoders (None elsewhere)."""
     encoder = None
     if run.backbone.is_first_stage:
-        torch.manual_seed(seed)
-        encoder = PromptEncoder(run.cfg.prompt.encoder, run.template.n_prompt, run.backbone.hidden_size,
-                                run.cfg.prompt.lstm_dropout)
+        torch.manual_seed(seed)  # the global RNG (LSTM dropout) starts from the seed on every rank
+        encoder = build_encoders(run, seed)
         encoder.to(run.device)
     model = PTuningModel(run.backbone, encoder, _to(run.cands.tensor(), run.device), run.cfg.model.splice)
     return model, encoder

@@ -1,7 +1,8 @@
 """Checkpoints of what trains, written atomically and verified on load.
 
-A checkpoint is ``<output_dir>/checkpoints/step_00000100/`` with ``state.pt`` (encoder, optimizer,
-scheduler, step, samples consumed, every rank's RNG states, the run config) and ``meta.json``
+A checkpoint is ``<output_dir>/checkpoints/step_00000100/`` with ``state.pt`` (the encoders,
+optimizer, scheduler, step, the sample stream's position, the prompt groups' names, best-on-dev
+state, every rank's RNG states, the run config) and ``meta.json``
 (the step, the SHA-256 of ``state.pt``, the backbone's path and fingerprint, the data-parallel
 size). Never the frozen backbone: a checkpoint of a billion-parameter run is the size of the
 encoder and its optimizer. Because the encoder and its optimizer are replicated (not ZeRO
@@ -120,7 +121,7 @@ def latest_good(out_dir: Path, backbone_hash: str, log=print) -> Path | None:
     return None
 
 
-def resume(cfg, out: Path, backbone_hash: str, encoder, opt, sched, stream, D, say) -> int:
+def resume(cfg, out: Path, backbone_hash: str, encoder, opt, sched, stream, D, say, groups, selection) -> int:
     """Restore the checkpoint ``cfg.train.resume`` names (or the newest good one for 'auto') into
     the encoder, optimizer, scheduler, sample stream and this rank's RNG; returns the step to
     continue after. Pipeline stages after the first have no encoder: they restore the rest."""
@@ -131,11 +132,15 @@ def resume(cfg, out: Path, backbone_hash: str, encoder, opt, sched, stream, D, s
         say(f"--resume auto: no checkpoint in {out / 'checkpoints'}; starting from step 0")
         return 0
     state, meta = load(path, backbone_hash)
+    if state.get("groups") != list(groups.names):
+        raise CheckpointError(f"checkpoint {path} holds the prompt groups {state.get('groups')}, this run has "
+                              f"{list(groups.names)} (data.relations / prompt.sharing differ)")
     if encoder is not None:  # pipeline stages after the first hold no encoder
         encoder.load_state_dict(state["encoder"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-    stream.consumed = state["samples"]
+    stream.load_state(state["stream"])
+    selection.load_state(state["selection"])
     rngs = state["rng"]
     set_rng_state(rngs[D.rank] if len(rngs) == D.world else rngs[0])
     was_global = state["run_config"]["train"]["global_batch_size"]
@@ -149,7 +154,8 @@ def resume(cfg, out: Path, backbone_hash: str, encoder, opt, sched, stream, D, s
     return state["step"]
 
 
-def save_step(out: Path, step: int, cfg, encoder, opt, sched, stream, backbone_id: dict, D) -> None:
+def save_step(out: Path, step: int, cfg, encoder, opt, sched, stream, backbone_id: dict, D, groups,
+              selection) -> None:
     """Every rank's RNG gathered; rank 0 (first pipeline stage: it holds the encoder) writes."""
     rng = [None] * D.world
     if D.world > 1:
@@ -157,8 +163,8 @@ def save_step(out: Path, step: int, cfg, encoder, opt, sched, stream, backbone_i
     else:
         rng = [rng_state()]
     if D.is_main:
-        state = {"step": step, "samples": stream.consumed, "encoder": encoder.state_dict(),
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng,
-                 "run_config": cfg.to_dict()}
+        state = {"step": step, "samples": stream.consumed, "stream": stream.state(), "groups": list(groups.names),
+                 "selection": selection.state(), "encoder": encoder.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "rng": rng, "run_config": cfg.to_dict()}
         save(out, step, state, backbone_id, D.world, cfg.train.keep_checkpoints)
     D.barrier()

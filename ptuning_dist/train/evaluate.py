@@ -86,34 +86,45 @@ def evaluate(model: PTuningModel, examples: list[Example], cands, batch_size: in
     return lama_metrics(preds, examples)
 
 
-def export_and_evaluate(model: PTuningModel, encoder, parts, eval_ex: list[Example], out: Path, D, pipeline,
-                        pack_to: int | None, say) -> dict:
-    """The end of a run: export the table (and the encoder), then evaluate through the table (what
-    inference uses) and the manual baseline; rank 0 writes ``eval.json``. Pipeline stages after the
-    first have no table: their layers do not read it."""
+def export_and_evaluate(model: PTuningModel, encoder, parts, eval_ex: list[Example], test_ex, out: Path, D,
+                        pipeline, pack_to: int | None, say, step: int, selection) -> dict:
+    """The end of a run: export the table (and the encoders) as they are now (each group's best
+    step after ``Selection.restore``), then evaluate through the table (what inference uses) and
+    the manual baseline on the eval split and, when there is one, the test split; rank 0 writes
+    ``eval.json``. Pipeline stages after the first have no table: their layers do not read it."""
     cfg = parts.cfg
     table_MH = encoder.export_table().to(D.device) if encoder is not None else None
+    kw = dict(batch_size=cfg.train.eval_batch_size, pad_id=parts.tok.pad_id, device=D.device, pipeline=pipeline,
+              pack_to=pack_to)
+    no_prompt = torch.zeros((0, parts.hidden_size), device=D.device)
+
+    def both(split: str, ex: list[Example]) -> dict:
+        return {"ptuning": evaluate(model, ex, parts.cands, table_MH=table_MH, **kw),
+                "manual_baseline": evaluate(model, examples(parts, split, manual=True), parts.cands,
+                                            table_MH=no_prompt, **kw)}
+
+    dev = both(cfg.data.eval_split, eval_ex)
+    if cfg.train.select_best and selection.states:
+        selected = selection.summary()
+    else:  # the last step's table: scored by this evaluation
+        selected = {n: {"step": step, "score": sc} for n, sc in selection.scores(dev["ptuning"]).items()}
+    res = {"step": step, "split": cfg.data.eval_split, **dev, "selected": selected,
+           "prompt_table": str(out / "prompt_table")}
+    if test_ex is not None:
+        res["test"] = {"split": cfg.data.test_split, **both(cfg.data.test_split, test_ex)}
     if D.is_main:
         save_encoder(out / ENCODER_FILE, encoder)
         save_table(out / "prompt_table", table_MH, template=parts.template.text,
                    backbone_path=str(parts.model_path), backbone_hash=parts.backbone_hash,
-                   tokenizer=str(parts.model_path), vocab_size=parts.tok.vocab_size,
-                   extra={"task": cfg.data.task, "encoder": encoder.kind, "steps": cfg.train.max_steps})
-    kw = dict(batch_size=cfg.train.eval_batch_size, pad_id=parts.tok.pad_id, device=D.device, pipeline=pipeline,
-              pack_to=pack_to)
-    no_prompt = torch.zeros((0, parts.backbone.hidden_size), device=D.device)
-    res = {
-        "step": cfg.train.max_steps,
-        "split": cfg.data.eval_split,
-        "ptuning": evaluate(model, eval_ex, parts.cands, table_MH=table_MH, **kw),
-        "manual_baseline": evaluate(model, examples(parts, cfg.data.eval_split, manual=True), parts.cands,
-                                    table_MH=no_prompt, **kw),
-        "prompt_table": str(out / "prompt_table"),
-    }
-    if D.is_main:
+                   tokenizer=str(parts.model_path), vocab_size=parts.tok.vocab_size, groups=parts.groups,
+                   extra={"task": cfg.data.task, "encoder": encoder.kind, "steps": step, "selected": selected})
         (out / "eval.json").write_text(json.dumps(res, indent=2) + "\n")
-    say(f"eval {cfg.data.eval_split}: p-tuning {headline(res['ptuning'])} | "
-        f"manual template {headline(res['manual_baseline'])}; table -> {out / 'prompt_table'}")
+    line = (f"eval {cfg.data.eval_split}: p-tuning {headline(res['ptuning'])} | "
+            f"manual template {headline(res['manual_baseline'])}")
+    if test_ex is not None:
+        t = res["test"]
+        line += f"; {t['split']}: p-tuning {headline(t['ptuning'])} | manual {headline(t['manual_baseline'])}"
+    say(f"{line}; table -> {out / 'prompt_table'}")
     D.barrier()
     return res
 

@@ -36,26 +36,29 @@ from tqdm import tqdm
 
 from ptuning_dist import debug
 from ptuning_dist.config import RunConfig
-from ptuning_dist.data.collate import SampleStream, collate
+from ptuning_dist.data.collate import collate
 from ptuning_dist.data.packing import step_forwards
+from ptuning_dist.data.stream import make_stream
 from ptuning_dist.parallel import launch
 from ptuning_dist.parallel.parallelize import ParallelPlan, check_megatron_model, parallelize
 from ptuning_dist.train import checkpoint as ckpt
 from ptuning_dist.train.build import build_model, build_run, examples, resolve_model_path
 from ptuning_dist.train.evaluate import evaluate, export_and_evaluate, headline
+from ptuning_dist.train.select import Selection, headline_score
 from ptuning_dist.train.stop import StopRequested, StopWatch
 
 _NONE = 2**62  # "no non-finite loss yet"
 
 
 def lr_lambda(cfg: RunConfig):
-    """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``max_steps``."""
+    """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``max_steps`` (or constant)."""
     warm, total = cfg.train.warmup_steps, cfg.train.max_steps
+    constant = cfg.train.lr_schedule == "constant"
 
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        return max(0.0, (total - step) / max(1, total - warm))
+        return 1.0 if constant else max(0.0, (total - step) / max(1, total - warm))
 
     return f
 
@@ -103,6 +106,10 @@ class PTuningRecipe:
             self.parts = build_run(cfg, self.D.device, fill=self.plan.fill(resolve_model_path(cfg)))
         self.train_ex = examples(self.parts, cfg.data.train_split)
         self.eval_ex = examples(self.parts, cfg.data.eval_split)
+        test = cfg.data.test_split
+        has_test = test is not None and test != cfg.data.eval_split and self.parts.task.has_split(test)
+        self.test_ex = examples(self.parts, test) if has_test else None
+        self.per_epoch = cfg.resolve_steps(len(self.train_ex))  # max_steps from epochs, now the rows are known
         self.model, self.encoder = build_model(self.parts, cfg.train.seed)
 
     def parallelize(self) -> None:
@@ -122,16 +129,18 @@ class PTuningRecipe:
 
     def resume(self) -> None:
         cfg, run, D = self.cfg, self.parts, self.D
-        self.stream = SampleStream(len(self.train_ex), cfg.train.seed)
+        self.stream = make_stream(cfg.data.batching, self.train_ex, run.groups.names, cfg.train.seed)
+        self.selection = Selection(run.groups, run.task.select_metric)
         self.backbone_id = {"path": str(run.model_path), "fingerprint": run.backbone_hash}
         self.start = ckpt.resume(cfg, self.out, run.backbone_hash, self.encoder, self.opt, self.sched, self.stream,
-                                 D, self.say)
+                                 D, self.say, run.groups, self.selection)
         if D.is_main:  # rank 0 is on the first pipeline stage: it holds the encoder
             (self.out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             e, p = self.encoder, cfg.parallel
             self.say(f"backbone {run.model_path} ({cfg.model.dtype}, {cfg.model.backend} backend, tp {p.tp}, "
-                     f"pp {p.pp}, ZeRO stage {self.plan.zero_stage}, dp {self.plan.dp}); encoder {e.kind} "
-                     f"m={e.n_prompt} ({sum(x.numel() for x in e.parameters()):,} trainable); {len(self.train_ex)} "
+                     f"pp {p.pp}, ZeRO stage {self.plan.zero_stage}, dp {self.plan.dp}); {len(run.groups.names)} "
+                     f"prompt group(s), encoder {e.kind}, M={e.n_prompt} table rows "
+                     f"({sum(x.numel() for x in e.parameters()):,} trainable); {len(self.train_ex)} "
                      f"train / {len(self.eval_ex)} {cfg.data.eval_split} examples; accumulation "
                      f"{self.plan.accumulation}; host heap {self.par.heap.mode}")
 
@@ -143,6 +152,7 @@ class PTuningRecipe:
         self.stats = torch.zeros(2, dtype=torch.float64, device=self.D.device)  # loss sum, tokens since the log
         self.first_bad = torch.full((), _NONE, dtype=torch.long, device=self.D.device)
         self.t_last, self.last_logged = time.perf_counter(), self.start
+        self.last_step, self.stopped_early = self.start, False
         self.bar = tqdm(range(self.start + 1, t.max_steps + 1), desc="train", dynamic_ncols=True,
                         disable=not self.D.is_main, initial=self.start, total=t.max_steps, mininterval=1.0)
         for step in self.bar:
@@ -152,7 +162,10 @@ class PTuningRecipe:
             self.maybe_log(step)
             self.maybe_save(step)
             self.maybe_stop(step)
+            self.last_step = step
             self.maybe_eval(step)
+            if self.stopped_early:
+                break
         if self.metrics:
             self.metrics.close()
         with self.hold():
@@ -186,6 +199,7 @@ class PTuningRecipe:
         t, par = self.cfg.train, self.par
         per_rank = t.global_batch_size // par.dp
         idx = self.stream.take(t.global_batch_size)
+        self.present = {self.train_ex[j].pgroup for j in idx}  # host ints: the prompt groups this step trains
         rows_by_rank = [[self.train_ex[j] for j in idx[r * per_rank : (r + 1) * per_rank]] for r in range(par.dp)]
         rows = rows_by_rank[par.dp_rank]
         pack_to = self.pack_to
@@ -222,11 +236,19 @@ class PTuningRecipe:
         return step_loss
 
     def optimizer_step(self, step: int) -> None:
-        """Clip and update the encoder (its gradients are final here)."""
+        """Clip each prompt group's gradient on its own and update the encoders (gradients are final
+        here). A group with no rows in the step gets None gradients: AdamW skips such parameters, so
+        its weights, moments and step count stay bit for bit as they were (weight decay included)."""
         if self.encoder is None:
             return
-        if self.cfg.train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.cfg.train.max_grad_norm)
+        clip = self.cfg.train.max_grad_norm
+        for g in range(len(self.encoder.encoders)):
+            params = self.encoder.group_parameters(g)
+            if g not in self.present:
+                for p in params:
+                    p.grad = None
+            elif clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -263,7 +285,7 @@ class PTuningRecipe:
 
     def save(self, step: int) -> None:
         ckpt.save_step(self.out, step, self.cfg, self.encoder, self.opt, self.sched, self.stream, self.backbone_id,
-                       self.D)
+                       self.D, self.parts.groups, self.selection)
 
     def maybe_save(self, step: int) -> None:
         if self.is_save_step(step):
@@ -281,19 +303,42 @@ class PTuningRecipe:
             self.stop.mark_stopped(step)
         raise StopRequested(step, self.stop.reason)
 
-    def maybe_eval(self, step: int) -> None:
+    def is_eval_step(self, step: int) -> bool:
+        """Evaluations during training (the last step's included: it is a candidate for selection)."""
         t = self.cfg.train
-        if not (t.eval_every and step % t.eval_every == 0 and step != t.max_steps):
+        return bool(t.eval_every and step % t.eval_every == 0) or (t.eval_every_epoch and step % self.per_epoch == 0) \
+            or (step == t.max_steps and bool(t.eval_every or t.eval_every_epoch))
+
+    def maybe_eval(self, step: int) -> None:
+        """Evaluate on the eval split, record the dev curve and each group's best; early stopping."""
+        t = self.cfg.train
+        if not self.is_eval_step(step):
             return
         with self.hold():
             res = evaluate(self.model, self.eval_ex, self.parts.cands, t.eval_batch_size, self.parts.tok.pad_id,
                            self.D.device, pipeline=self.par.pipeline, pack_to=self.pack_to)
+        improved = self.selection.update(step, res, self.encoder if t.select_best else None)
+        if self.metrics:  # the dev curve (every rank has the results: predictions are gathered)
+            self.metrics.write(json.dumps({"step": step, "eval_split": self.cfg.data.eval_split,
+                                           "score": headline_score(res, self.parts.task.select_metric),
+                                           "group_scores": self.selection.scores(res), "improved": improved}) + "\n")
+            self.metrics.flush()
         self.say(f"step {step} eval {self.cfg.data.eval_split}: {headline(res)}")
+        if t.patience and self.selection.stale >= t.patience and step < t.max_steps:
+            self.say(f"early stop at step {step}: no prompt group improved on {self.cfg.data.eval_split} in "
+                     f"{t.patience} evaluations")
+            if not self.is_save_step(step):  # --resume finds the stopped run's state
+                self.save(step)
+            self.stopped_early = True
 
     def finish(self) -> dict:
-        """Export the table, then evaluate through it (what inference uses) and the manual baseline."""
-        return export_and_evaluate(self.model, self.encoder, self.parts, self.eval_ex, self.out, self.D,
-                                   self.par.pipeline, self.pack_to, self.say)
+        """Put each group's best weights back (train.select_best, after evaluations during
+        training), export the table, then evaluate through it (what inference uses) and the manual
+        baseline on the eval and test splits."""
+        if self.cfg.train.select_best:
+            self.selection.restore(self.encoder)
+        return export_and_evaluate(self.model, self.encoder, self.parts, self.eval_ex, self.test_ex, self.out,
+                                   self.D, self.par.pipeline, self.pack_to, self.say, self.last_step, self.selection)
 
 
 def _check_finite(first_bad: torch.Tensor, D) -> None:

@@ -42,7 +42,10 @@ def test_training_lowers_loss_and_writes_outputs(tiny_dir, tmp_path):
     assert saved["ptuning"] == res["ptuning"] and "manual_baseline" in saved
     assert set(saved["ptuning"]["p@1_per_relation"]) == {"P36", "P37"}
     table, meta = load_table(tmp_path / "prompt_table")
-    assert table.shape == (6, 64) and meta["template"] == "[P*3] {sub_label} [P*3]"
+    assert table.shape == (12, 64) and meta["template"] == "[P*3] {sub_label} [P*3]"  # a prompt per relation
+    assert meta["groups"].to_json() == {"P36": [0, 6], "P37": [6, 12]}
+    assert set(saved["selected"]) == {"P36", "P37"} and saved["selected"]["P36"]["step"] == 40
+    assert saved["test"]["split"] == "test" and set(saved["test"]["ptuning"]["p@1_per_relation"]) == {"P36", "P37"}
 
 
 def _grads_after_one_step(tiny_dir, tmp_path, micro):
@@ -83,7 +86,7 @@ def test_backbone_frozen_and_only_encoder_trains(tiny_dir, tmp_path):
     model, encoder = build_model(run, seed=0)
     before = {n: p.clone() for n, p in run.backbone.named_parameters()}
     ex = examples(run, "train")
-    model.loss(collate(ex[:8], run.tok.pad_id)).backward()
+    model.loss(collate(ex[:4] + ex[-4:], run.tok.pad_id)).backward()  # rows of both relations: every prompt
     assert all(p.grad is None for p in run.backbone.parameters())
     assert all(p.grad is not None for p in encoder.parameters())
     assert all(torch.equal(before[n], p) for n, p in run.backbone.named_parameters())
@@ -147,7 +150,7 @@ def test_bf16_backbone_keeps_fp32_encoder_and_learns(tiny_dir, tmp_path):
     assert run.backbone.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in encoder.parameters())
     ex = examples(run, "train")
-    model.loss(collate(ex[:8], run.tok.pad_id)).backward()
+    model.loss(collate(ex[:4] + ex[-4:], run.tok.pad_id)).backward()  # rows of both relations: every prompt
     assert all(p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in encoder.parameters())
     train(cfg, log=lambda *a: None)
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
