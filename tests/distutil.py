@@ -44,7 +44,8 @@ def torchrun(n, script, *args, **kw):
 
 
 def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if "loss" in r]  # not the evaluation lines (the dev curve)
 
 
 def record(out: Path, rank: int) -> dict:

@@ -16,7 +16,8 @@ The LSTM is written out (PyTorch's gate order i, f, g, o; c' = f c + i g; h' = o
 ``torch.func.vmap`` has no batching rule for ``aten::lstm``: vmapping nn.LSTM would fall back to a
 per-group loop. It equals G separate nn.LSTM encoders within float rounding (tested, forward and
 gradients), and a group's output does not depend on which other groups are in the batch (tested
-bit for bit: the test of one run over two groups against two single-group runs rests on it).
+bit for bit on CPU: the test of one run over two groups against two single-group runs rests on it;
+on CUDA cuBLAS may pick kernels by batch count, so there it holds within rounding).
 Cost: the m-step recurrence is a Python loop of 2 x m small bmm's per layer, once per optimizer
 step (not per micro-batch), for any G.
 """
@@ -62,8 +63,8 @@ class PromptEncoders(nn.Module):
             if encs[0].mlp is not None:
                 w1, b1, w2, b2 = (torch.stack([getattr(e.mlp[i], a) for e in encs]) for i, a in
                                   ((0, "weight"), (0, "bias"), (2, "weight"), (2, "bias")))
-                x_GMH = torch.relu(torch.baddbmm(b1.unsqueeze(1), x_GMH, w1.transpose(1, 2)))
-                x_GMH = torch.baddbmm(b2.unsqueeze(1), x_GMH, w2.transpose(1, 2))
+                x_GMH = torch.relu(_baddbmm(b1.unsqueeze(1), x_GMH, w1.transpose(1, 2)))
+                x_GMH = _baddbmm(b2.unsqueeze(1), x_GMH, w2.transpose(1, 2))
             for j, g in enumerate(idx):
                 parts[g] = x_GMH[j]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -76,6 +77,18 @@ class PromptEncoders(nn.Module):
         table_MH = self.forward().detach().float().cpu().clone()
         self.train(was_training)
         return table_MH
+
+
+def _baddbmm(bias: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """baddbmm whose result for one batch element does not depend on the batch size: on CPU a batch
+    of 1 takes the plain GEMM path and a batch of >= 2 the batched one, which round differently
+    (seen with torch 2.13's CPU build). A lone group is computed as a batch of two copies, so a
+    group's table is the same bits in a run of its own as among others (the LSTM's batches are 2g
+    already). Costs one extra m x h x h product when there is one group."""
+    if x.shape[0] > 1:
+        return torch.baddbmm(bias, x, w)
+    two = lambda t: t.expand(2, *t.shape[1:])  # noqa: E731
+    return torch.baddbmm(two(bias), two(x), two(w))[:1]
 
 
 def _bilstm(x_GMH: torch.Tensor, lstms: list[nn.LSTM], dropout: float) -> torch.Tensor:

@@ -78,7 +78,8 @@ def test_other_ds_configs_match_reference(backbone, reference, tmp_path, config)
 
 
 def test_killed_run_and_killed_save_resume_bit_identical(backbone, tmp_path):
-    flags = ["--model", backbone, "--ds_config", ROOT / "ds_configs" / "zero3.json", "--max_steps", 6,
+    # 2 epochs of the 48 training rows in global batches of 16 on 2 ranks: 6 steps of the global stream
+    flags = ["--model", backbone, "--ds_config", ROOT / "ds_configs" / "zero3.json", "--epochs", 2,
              "--micro_batch_size", 4, "--global_batch_size", 16, "--log_every", 1, "--save_every", 3]
     train = ROOT / "launchers" / "train.py"
     full = tmp_path / "full"
@@ -98,8 +99,11 @@ def test_killed_run_and_killed_save_resume_bit_identical(backbone, tmp_path):
     n_enc = sum(v.numel() for v in state["encoder"].values())
     n_opt = sum(v.numel() for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v))
     assert n_opt == 2 * n_enc + len(state["encoder"])
-    assert set(state) == {"step", "samples", "encoder", "optimizer", "scheduler", "rng", "run_config"}
+    assert set(state) == {"step", "samples", "stream", "groups", "selection", "encoder", "optimizer", "scheduler",
+                          "rng", "run_config"}
+    assert state["groups"] == ["P36", "P37"]  # one prompt per relation of the default task
     assert len(state["rng"]) == 2 and state["samples"] == 6 * 16
+    assert json.loads((full / "run_config.json").read_text())["train"]["max_steps"] == 6
 
 
 def test_resume_on_one_rank_and_refusals(backbone, tmp_path):
