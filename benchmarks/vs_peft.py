@@ -118,7 +118,8 @@ def job_flags(task: str, model: Path, quick: bool) -> list[str]:
     else:
         G, micro = (32, 8) if quick else (8, 4)
         data = ["--task", "rte", "--data_dir", str(RTE_DIR), "--max_seq_len", "256"]
-    return [*data, "--model", str(model), "--template", TEMPLATES[task], "--encoder", "lstm",
+    # one prompt for every relation: a PEFT adapter holds one (--sharing per_group is ours alone)
+    return [*data, "--model", str(model), "--template", TEMPLATES[task], "--encoder", "lstm", "--sharing", "shared",
             "--global_batch_size", str(G), "--micro_batch_size", str(micro), "--eval_batch_size", str(micro),
             "--seed", "0", "--log_every", "1", "--eval_every", "0", "--warmup_steps", "0"]
 

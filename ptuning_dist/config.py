@@ -32,7 +32,7 @@ EncoderKind = Literal["lstm", "mlp", "embedding"]
 Sharing = Literal["per_group", "shared"]
 Batching = Literal["mixed", "by_group"]
 LrSchedule = Literal["linear", "constant"]
-TaskName = Literal["default", "lama", "rte", "cb", "boolq", "wic"]
+TaskName = Literal["default", "lama", "rte", "cb", "boolq", "wic", "copa"]
 Packing = Literal["auto", "on", "off"]
 HostMalloc = Literal["auto", "mmap", "trim", "off"]
 
@@ -138,6 +138,9 @@ class DataConfig(Section):
     """LAMA: restrict predictions to 'objects' (all objects in the data), a word-list file (the
     paper's LAMA-29k/34k) or 'full' (the whole vocabulary); None: the task's default ('objects' for
     the bundled default task, 'full' for lama)."""
+    candidate_score: Literal["sum", "mean"] = "sum"
+    """Answers of several tokens (COPA, a verbalizer word the tokenizer splits): a candidate's score
+    is the sum (or the mean) of its tokens' log-probabilities given the context."""
     max_seq_len: int = 256
     """Rows longer than this lose tokens from their longest input field."""
     packing: Packing = "auto"

@@ -30,12 +30,16 @@ class FrozenLM(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.splice_kind = splice  # 'fused' (ptuning::splice) or 'reference'
+        self.mean_score = False  # candidate scoring: the mean of a candidate's token log-probs, not the sum
         self.register_buffer("candidate_ids_K", candidate_ids_K, persistent=False)
 
     def forward(self, ids_BS, attention_mask_BS, slot_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N,
-                target_pos_E, table_MH, target_row_E=None, position_BS=None, segment_BS=None):
+                target_pos_E, table_MH, target_row_E=None, position_BS=None, segment_BS=None,
+                score_tokens_Q=None, score_seq_Q=None, cand_valid_XK=None, cand_len_XK=None):
         """Logits (E x K) on the last pipeline stage; on an earlier one, its [s, b, h] output.
-        ``target_row_E``/``position_BS``/``segment_BS``: a packed batch (data/packing.py)."""
+        ``target_row_E``/``position_BS``/``segment_BS``: a packed batch (data/packing.py).
+        ``score_*``/``cand_*``: candidate answers scored token by token (data/scoring.py): the
+        "logits" are then each example's K candidate scores (X x K)."""
         inputs = None  # a later pipeline stage starts from the activations it received
         if self.backbone.is_first_stage:  # the backbone's input layout: [b, s, h] (HF) or [s, b, h] (megatron)
             if self.splice_kind == "fused":
@@ -45,11 +49,25 @@ class FrozenLM(nn.Module):
         hidden = self.backbone.hidden_at(inputs, attention_mask_BS, target_pos_E, target_row_E, position_BS, segment_BS)
         if not self.backbone.is_last_stage:
             return hidden
-        return self.backbone.head(hidden, self.candidate_ids_K)
+        if score_tokens_Q is None:
+            return self.backbone.head(hidden, self.candidate_ids_K)
+        return candidate_scores(self.backbone.head(hidden, None), score_tokens_Q, score_seq_Q, cand_valid_XK,
+                                cand_len_XK if self.mean_score else None)
 
     def set_input_tensor(self, input_tensor) -> None:
         """A later pipeline stage's input, from megatron's schedule (see parallel/pipeline.py)."""
         self.backbone.set_input_tensor(input_tensor)
+
+
+def candidate_scores(logits_QV, tokens_Q, seq_Q, valid_XK, len_XK=None) -> torch.Tensor:
+    """Each candidate's summed (``len_XK``: mean) log-probability of its tokens, X x K; padded
+    candidates -inf. Fixed shapes from the loader: no host sync."""
+    logp_Q = torch.log_softmax(logits_QV, dim=-1).gather(1, tokens_Q[:, None]).squeeze(1)
+    X, K = valid_XK.shape
+    scores_XK = torch.zeros(X * K, dtype=logp_Q.dtype, device=logp_Q.device).index_add(0, seq_Q, logp_Q).view(X, K)
+    if len_XK is not None:
+        scores_XK = scores_XK / len_XK
+    return scores_XK.masked_fill(~valid_XK, float("-inf"))
 
 
 class PTuningModel(nn.Module):
@@ -77,7 +95,8 @@ class PTuningModel(nn.Module):
                 table_MH = self.prompt()
         return self.frozen(batch.ids_BS, batch.attention_mask_BS, batch.slot_BS, batch.prompt_rows_N,
                            batch.prompt_pos_N, batch.prompt_slots_N, batch.target_pos_E, table_MH,
-                           batch.target_row_E, batch.position_BS, batch.segment_BS)
+                           batch.target_row_E, batch.position_BS, batch.segment_BS, batch.score_tokens_Q,
+                           batch.score_seq_Q, batch.cand_valid_XK, batch.cand_len_XK)
 
     def loss(self, batch: Batch, table_MH: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(self.logits(batch, table_MH), batch.label_E, reduction=reduction)

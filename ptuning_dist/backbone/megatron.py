@@ -81,7 +81,9 @@ class MegatronBackbone(nn.Module):
                                       attention_mask=causal, rotary_pos_emb=rope)
         if not self.is_last_stage:
             return hidden_SBH
-        return hidden_SBH[target_pos_E, torch.arange(B, device=device)]
+        if target_row_E is None:
+            target_row_E = torch.arange(B, device=device)
+        return hidden_SBH[target_pos_E, target_row_E]  # several targets per row: candidate scoring
 
     def external_weights(self) -> list[nn.Parameter]:
         """Weights read as tensors, not through their module's forward (the vocabulary-parallel

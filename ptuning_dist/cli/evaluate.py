@@ -12,7 +12,7 @@ from ptuning_dist.cli.common import run
 from ptuning_dist.errors import PTuningError
 
 RUN_FIELDS = ("model.path", "model.dtype", "model.splice", "data.task", "data.data_dir", "data.relations",
-              "data.allowed_vocab", "data.max_seq_len", "train.eval_batch_size", "prompt.template",
+              "data.allowed_vocab", "data.candidate_score", "data.max_seq_len", "train.eval_batch_size", "prompt.template",
               "train.output_dir")
 
 DESCRIPTION = ("Evaluate an exported prompt table (no encoder) or the manual-template baseline on a split, "
@@ -63,6 +63,7 @@ def main(argv=None) -> int:
             table_MH, _ = load_table(args.prompt_table, backbone_hash=run_.backbone_hash)
             prompt = PromptTable(table_MH).to(run_.device)
         model = PTuningModel(run_.backbone, prompt, cands, cfg.model.splice)
+        model.frozen.mean_score = cfg.data.candidate_score == "mean"
         ex = examples(run_, args.split, manual=args.manual)
         res = evaluate(model, ex, run_.cands, cfg.train.eval_batch_size, run_.tok.pad_id, run_.device,
                        pack_to=cfg.pack_to)

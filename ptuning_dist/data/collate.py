@@ -15,6 +15,7 @@ import torch
 
 from ptuning_dist.data.batch import Batch
 from ptuning_dist.data.packing import pack
+from ptuning_dist.data.scoring import sequences
 from ptuning_dist.data.tasks import Row, Task
 from ptuning_dist.errors import DataError, TemplateError
 from ptuning_dist.prompt.template import Encoded, Template
@@ -26,6 +27,13 @@ class Candidates:
 
     ids: list[int] | None
     names: list[str] | None = None  # label names, for classification
+    metric: str = "lama"  # 'lama' (P@1), 'classification' (accuracy, macro-F1) or 'choice' (accuracy)
+    words: list[list[int]] | None = None  # a verbalizer of words of several tokens: scored (data/scoring.py)
+
+    @property
+    def scoring(self) -> bool:
+        """Whether rows are scored candidate by candidate (teacher forcing) rather than by one head."""
+        return self.words is not None or self.metric == "choice"
 
     def __post_init__(self):
         self.index = {v: k for k, v in enumerate(self.ids)} if self.ids is not None else None
@@ -46,17 +54,19 @@ def build_candidates(task: Task, tok, allowed_vocab: str | None, space_before: b
     vocabulary), None (the task's default), ``"objects"`` (every object of the task's data) or a file of words (a JSON list
     or one word a line, as the paper's LAMA-29k/34k vocabularies); words that are not single
     tokens of this tokenizer are left out of a file vocabulary."""
+    if getattr(task, "choices", False):  # each row brings its own candidate answers (COPA)
+        return Candidates(None, metric="choice")
     if task.verbalizer is not None:
-        ids, names = [], []
-        for label, word in task.verbalizer.items():
-            tid = tok.single_token(word, space_before)
-            if tid is None:
-                raise TemplateError(f"verbalizer of task {task.name}: {label!r} -> {word!r} is not a single token")
-            if tid in ids:
-                raise TemplateError(f"verbalizer of task {task.name}: {word!r} maps two labels to one token")
-            ids.append(tid)
-            names.append(label)
-        return Candidates(ids, names)
+        names, words = list(task.verbalizer), [tok.encode(w, space_before) for w in task.verbalizer.values()]
+        for label, w in zip(names, words):
+            if not w:
+                raise TemplateError(f"verbalizer of task {task.name}: {label!r} -> {task.verbalizer[label]!r} has no tokens")
+        if len({tuple(w) for w in words}) < len(words):
+            raise TemplateError(f"verbalizer of task {task.name}: two labels have the same word {task.verbalizer}")
+        if all(len(w) == 1 for w in words):  # the head scores K single tokens at the mask
+            return Candidates([w[0] for w in words], names, metric="classification")
+        # a word of several tokens: every label's word scored by its tokens' log-probabilities
+        return Candidates(None, names, metric="classification", words=words)
     allowed_vocab = allowed_vocab or task.default_allowed_vocab
     if allowed_vocab == "full":
         return Candidates(None)
@@ -87,6 +97,8 @@ class Example:
     label: int  # index into the candidates (or the vocabulary id when all ids are scored)
     group: str  # the row's group (LAMA relation / task): metrics are per group
     pgroup: int = 0  # index of its prompt group (prompt/groups.py): which encoder its slots train
+    cand_ids: tuple[tuple[int, ...], ...] | None = None  # candidate answers' tokens (data/scoring.py); label
+    # is then the gold candidate's index
 
 
 def encode_rows(
@@ -96,11 +108,22 @@ def encode_rows(
     """``prompt_group_of(row)`` -> (prompt group index, its first row in the stacked table)."""
     out = []
     for row in rows:
-        enc = template_for(row).encode(row.values, row.target, tok, max_len, row.where)
+        template = template_for(row)
         g, offset = prompt_group_of(row)
+        if cands.scoring:  # candidate answers scored token by token after the context
+            words = cands.words if cands.words is not None else [
+                tok.encode(c, template.parts[-1].space_before) for c in row.candidates]
+            if any(not w for w in words):
+                raise DataError(f"{row.where}: a candidate answer has no tokens: {row.candidates}")
+            label = cands.names.index(row.label) if cands.words is not None else row.candidates.index(row.target)
+            enc = template.encode(row.values, None, tok, max_len, row.where, reserve=max(map(len, words)) - 1)
+            cand_ids = tuple(tuple(w) for w in words)
+        else:
+            enc = template.encode(row.values, row.target, tok, max_len, row.where)
+            label, cand_ids = cands.label_of(enc.target_id, row), None
         if offset:
             enc = dataclasses.replace(enc, prompt_slot=tuple(s + offset for s in enc.prompt_slot))
-        out.append(Example(enc, cands.label_of(enc.target_id, row), row.group, g))
+        out.append(Example(enc, label, row.group, g, cand_ids))
     if not out:
         raise DataError("no examples: the data split is empty")
     return out
@@ -143,38 +166,52 @@ class SampleStream:
 def collate(examples: list[Example], pad_id: int, seq_len: int | None = None, pack_to: int | None = None) -> Batch:
     """Right-pad to the longest row of this batch (dynamic padding), or to ``seq_len`` (a
     pipeline's micro-batches share one activation shape per step), and flatten the plan.
-    ``pack_to``: pack instead, in rows of at most that many positions (``data/packing.py``)."""
+    ``pack_to``: pack instead, in rows of at most that many positions (``data/packing.py``).
+    Examples with candidate answers become one sequence per candidate (``data/scoring.py``)."""
+    seqs, scoring = sequences(examples)
     if pack_to is not None:
         assert seq_len is None, "a packed batch has no fixed sequence length"
-        return pack(examples, pad_id, pack_to)
-    S = max(len(e.enc.ids) for e in examples)
+        return with_scoring(pack(seqs, examples, pad_id, pack_to), scoring)
+    S = max(len(q.ids) for q in seqs)
     if seq_len is not None:
         assert seq_len >= S, f"seq_len {seq_len} < the longest row {S}"
         S = seq_len
-    B = len(examples)
+    B = len(seqs)
     ids = torch.full((B, S), pad_id, dtype=torch.long)
     mask = torch.zeros((B, S), dtype=torch.long)
-    rows, pos, slots = [], [], []
+    rows, pos, slots, t_row, t_pos = [], [], [], [], []
     slot_map = torch.full((B, S), -1, dtype=torch.int32)
-    for b, e in enumerate(examples):
-        L = len(e.enc.ids)
-        ids[b, :L] = torch.tensor(e.enc.ids, dtype=torch.long)
+    for b, q in enumerate(seqs):
+        L = len(q.ids)
+        ids[b, :L] = torch.tensor(q.ids, dtype=torch.long)
         mask[b, :L] = 1
-        slot_map[b, list(e.enc.prompt_pos)] = torch.tensor(e.enc.prompt_slot, dtype=torch.int32)
-        rows.extend([b] * len(e.enc.prompt_pos))
-        pos.extend(e.enc.prompt_pos)
-        slots.extend(e.enc.prompt_slot)
+        slot_map[b, list(q.prompt_pos)] = torch.tensor(q.prompt_slot, dtype=torch.int32)
+        rows.extend([b] * len(q.prompt_pos))
+        pos.extend(q.prompt_pos)
+        slots.extend(q.prompt_slot)
+        t_row.extend([b] * len(q.targets))
+        t_pos.extend(q.targets)
     t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return Batch(
+    return with_scoring(Batch(
         ids_BS=ids,
         attention_mask_BS=mask,
         prompt_rows_N=t(rows),
         prompt_pos_N=t(pos),
         prompt_slots_N=t(slots),
         slot_BS=slot_map,
-        target_pos_E=t([e.enc.target_pos for e in examples]),
+        target_pos_E=t(t_pos),
         label_E=t([e.label for e in examples]),
         n_tokens=int(mask.sum()),
         groups=[e.group for e in examples],
-        target_row_E=torch.arange(B),
-    )
+        target_row_E=t(t_row),
+    ), scoring)
+
+
+def with_scoring(batch: Batch, scoring) -> Batch:
+    """Attach the candidate-scoring tensors (``data/scoring.py``) to a batch, if any."""
+    if scoring is not None:
+        batch.score_tokens_Q = torch.tensor(scoring.tokens_Q, dtype=torch.long)
+        batch.score_seq_Q = torch.tensor(scoring.seq_Q, dtype=torch.long)
+        batch.cand_valid_XK = torch.tensor(scoring.valid_XK, dtype=torch.bool)
+        batch.cand_len_XK = torch.tensor(scoring.length_XK, dtype=torch.float32)
+    return batch

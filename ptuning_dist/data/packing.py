@@ -118,10 +118,11 @@ def step_forwards(rows_by_rank: list[list], rank: int, micro: int, capacity: int
     return groups
 
 
-def pack(examples, pad_id: int, capacity: int):
-    """A packed ``Batch`` (B' bins x T positions) of these examples; labels, targets and groups stay
-    in the examples' order (``target_row_E``/``target_pos_E`` say where each row's target is)."""
-    encs = [e.enc for e in examples]
+def pack(seqs, examples, pad_id: int, capacity: int):
+    """A packed ``Batch`` (B' bins x T positions) of these sequences (``data/scoring.py``: one per
+    example, or one per candidate); labels and groups stay in the examples' order, targets in the
+    sequences' (``target_row_E``/``target_pos_E`` say where each target is)."""
+    encs = seqs
     lengths = [len(e.ids) for e in encs]
     P, bins, T = _plan(encs, capacity)
     nb = len(bins)
@@ -129,7 +130,7 @@ def pack(examples, pad_id: int, capacity: int):
     position = torch.zeros((nb, T), dtype=torch.long)
     segment = torch.full((nb, T), -1, dtype=torch.long)
     slot_map = torch.full((nb, T), -1, dtype=torch.int32)
-    target_row, target_pos = [0] * len(encs), [0] * len(encs)
+    target_row, target_pos = [None] * len(encs), [None] * len(encs)
     first = encs[0]
     prefix_slots = [(p, s) for p, s in zip(first.prompt_pos, first.prompt_slot) if p < P]
     rows, pos, slots = [], [], []
@@ -150,8 +151,8 @@ def pack(examples, pad_id: int, capacity: int):
                 if p >= P:
                     slot_map[k, c + p - P] = s
                     rows.append(k), pos.append(c + p - P), slots.append(s)
-            t = e.target_pos
-            target_row[b], target_pos[b] = k, (c + t - P if t >= P else t)  # a target inside the prefix is shared
+            target_row[b] = [k] * len(e.targets)
+            target_pos[b] = [c + t - P if t >= P else t for t in e.targets]  # a target inside the prefix is shared
             c += n
     t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return Batch(
@@ -161,11 +162,11 @@ def pack(examples, pad_id: int, capacity: int):
         prompt_pos_N=t(pos),
         prompt_slots_N=t(slots),
         slot_BS=slot_map,
-        target_pos_E=t(target_pos),
+        target_pos_E=t([p for ps in target_pos for p in ps]),
         label_E=t([e.label for e in examples]),
         n_tokens=sum(lengths),  # the rows' tokens, as unpacked: tokens/s stays comparable across layouts
         groups=[e.group for e in examples],
-        target_row_E=t(target_row),
+        target_row_E=t([r for rs in target_row for r in rs]),
         position_BS=position,
         segment_BS=segment,
     )

@@ -27,6 +27,7 @@ class Row:
     label: str  # the gold label as the data says it (class name or object)
     group: str  # LAMA relation id, or the task name: metrics are reported per group
     where: str  # "file:line", for errors
+    candidates: tuple[str, ...] | None = None  # answers scored token by token (COPA); target is one of them
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -212,7 +213,49 @@ class WicTask(SuperGlueTask):
     verbalizer = {"true": "yes", "false": "no"}
 
 
-TASKS = {t.name: t for t in (DefaultTask, LamaTask, RteTask, CbTask, BoolqTask, WicTask)}
+class CopaTask(SuperGlueTask):
+    """COPA: which of two sentences is the cause (effect) of the premise. The choices are whole
+    sentences: each is scored by the log-probability of its tokens after the context (PET's
+    pattern, choices lowercased at the start and without final punctuation, as PET does)."""
+
+    name, folder = "copa", "COPA"
+    fields = ("premise", "choice1", "choice2", "connective")
+    default_template = '"{choice1}" or "{choice2}" ? {premise} , [P*3] {connective} [MASK]'
+    choices = True
+
+    def rows(self, split: str) -> list[Row]:
+        if split not in self.splits:
+            raise DataError(f"task {self.name}: unknown split {split!r}; use one of {sorted(self.splits)}")
+        path = self.data_dir / self.splits[split]
+        out = []
+        for n, obj in read_jsonl(path):
+            where = f"{path}:{n}"
+            label, question = _get(obj, "label", where), _get(obj, "question", where)
+            if label not in (0, 1) or isinstance(label, bool):
+                raise DataError(f"{where}: label {label!r} must be 0 or 1")
+            if question not in ("cause", "effect"):
+                raise DataError(f"{where}: question {question!r} must be 'cause' or 'effect'")
+            choices = tuple(_answer(_get(obj, f, where), f, where) for f in ("choice1", "choice2"))
+            values = {"premise": _text(_get(obj, "premise", where), "premise", where).rstrip(".!?"),
+                      "choice1": choices[0], "choice2": choices[1],
+                      "connective": "because" if question == "cause" else "so"}
+            out.append(Row(values, choices[label], str(label), self.name, where, choices))
+        return out
+
+
+def _text(value, field: str, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field {field!r} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _answer(value, field: str, where: str) -> str:
+    """PET's form of an answer sentence: first letter lowercased, final punctuation dropped."""
+    text = _text(value, field, where).rstrip(".!?")
+    return text[:1].lower() + text[1:]
+
+
+TASKS = {t.name: t for t in (DefaultTask, LamaTask, RteTask, CbTask, BoolqTask, WicTask, CopaTask)}
 assert tuple(TASKS) == choices(TaskName), "config.TaskName and TASKS must list the same tasks"
 
 

@@ -134,12 +134,16 @@ class Template:
         text = _TOKEN_RE.sub(lambda m: "" if m.group().startswith("[P") else m.group(), self.text)
         return Template(" ".join(text.split()))
 
-    def encode(self, values: dict[str, str], target: str, tok, max_len: int, where: str) -> Encoded:
+    def encode(self, values: dict[str, str], target: str | None, tok, max_len: int, where: str,
+               reserve: int = 0) -> Encoded:
         """Token ids and prompt plan for one row.
 
         ``values`` maps field names to text, ``target`` is the target word, ``where`` names the
         row (``file:line``) for errors. Raises ``TemplateError`` naming the row when the target
         is not a single vocabulary token or the fixed parts alone exceed ``max_len``.
+        ``target`` None: the row's answers are scored as candidate continuations
+        (``data/scoring.py``; ``target_id`` -1), and ``reserve`` positions are kept free for the
+        longest candidate's tokens after the context.
         """
         pieces: list[list[int]] = []
         for p in self.parts[:-1]:
@@ -152,14 +156,14 @@ class Template:
                     raise TemplateError(f"{where}: row has no field {p.value!r} used by template {self.text!r}")
                 pieces.append(tok.encode(str(values[p.value]), p.space_before))
         mask = self.parts[-1]
-        target_ids = tok.encode(str(target), mask.space_before)
+        target_ids = tok.encode(str(target), mask.space_before) if target is not None else [-1]
         if len(target_ids) != 1:
             raise TemplateError(
                 f"{where}: target {target!r} is {len(target_ids)} tokens {target_ids}, "
                 "must be a single vocabulary token"
             )
         prefix = [tok.bos_id] if tok.bos_id is not None else []
-        truncated = _truncate(pieces, self.parts[:-1], max_len - len(prefix), self.text, where)
+        truncated = _truncate(pieces, self.parts[:-1], max_len - len(prefix) - reserve, self.text, where)
         ids, prompt_pos, prompt_slot = list(prefix), [], []
         for p, piece in zip(self.parts[:-1], pieces):
             if p.kind == "prompt":

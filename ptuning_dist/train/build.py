@@ -142,6 +142,7 @@ def build_model(run: Run, seed: int) -> tuple[PTuningModel, PromptEncoders | Non
         encoder = build_encoders(run, seed)
         encoder.to(run.device)
     model = PTuningModel(run.backbone, encoder, _to(run.cands.tensor(), run.device), run.cfg.model.splice)
+    model.frozen.mean_score = run.cfg.data.candidate_score == "mean"
     return model, encoder
 
 

@@ -81,6 +81,8 @@ def classification_metrics(preds: list[int], examples: list[Example], labels: li
 def evaluate(model: PTuningModel, examples: list[Example], cands, batch_size: int, pad_id: int, device,
              table_MH: torch.Tensor | None = None, pipeline=None, pack_to: int | None = None) -> dict:
     preds = predict(model, examples, batch_size, pad_id, device, table_MH, pipeline, pack_to)
+    if cands.metric == "choice":  # the gold candidate's index: accuracy
+        return {"accuracy": sum(p == e.label for p, e in zip(preds, examples)) / len(examples), "n": len(examples)}
     if cands.names is not None:
         return classification_metrics(preds, examples, cands.names)
     return lama_metrics(preds, examples)
@@ -130,6 +132,8 @@ def export_and_evaluate(model: PTuningModel, encoder, parts, eval_ex: list[Examp
 
 
 def headline(res: dict) -> str:
-    if "accuracy" in res:
+    if "macro_f1" in res:
         return f"acc {res['accuracy']:.3f} macro-F1 {res['macro_f1']:.3f}"
+    if "accuracy" in res:
+        return f"acc {res['accuracy']:.3f}"
     return f"P@1 {res['p@1_macro']:.3f} (macro over {len(res['p@1_per_relation'])} relations)"

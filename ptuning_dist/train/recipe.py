@@ -38,6 +38,7 @@ from ptuning_dist import debug
 from ptuning_dist.config import RunConfig
 from ptuning_dist.data.collate import collate
 from ptuning_dist.data.packing import step_forwards
+from ptuning_dist.data.scoring import longest
 from ptuning_dist.data.stream import make_stream
 from ptuning_dist.parallel import launch
 from ptuning_dist.parallel.parallelize import ParallelPlan, check_megatron_model, parallelize
@@ -208,7 +209,7 @@ class PTuningRecipe:
         else:
             groups = [rows[i : i + t.micro_batch_size] for i in range(0, per_rank, t.micro_batch_size)]
         # a pipeline sends one activation shape per step: pad to the step's longest row (a host int)
-        seq_len = max(len(e.enc.ids) for e in rows) if par.pipeline is not None else None
+        seq_len = max(longest(e) for e in rows) if par.pipeline is not None else None
         return [self.collate(g, seq_len).to(self.D.device) for g in groups]
 
     def collate(self, rows: list, seq_len: int | None):

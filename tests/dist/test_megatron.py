@@ -30,5 +30,7 @@ def test_megatron_forward_and_splice_equal_hf_and_reference(sharded_dirs, tmp_pa
     # reference path bit for bit, [s, b, h], the prompt gradient the same on every TP rank
     assert res["splice_equal"] and res["splice_grad_equal"] and res["splice_grad_same_on_tp_ranks"], res
     assert res["splice_shape"] == [7, 3, res["hidden"]], res
+    # candidate answers of several tokens: the sums of HF's own log-probabilities, on this TP layout
+    assert res["scoring_diff"] < 1e-4 and res["scoring_pad_is_inf"], res
     # a wrong QKV order (GPT-2) or a naive split of the fused gate/up matrix (LLaMA) is caught
     assert res["wrong_mapping_diff"] > 1e3 * max(res["max_abs_diff"], 1e-6), res

@@ -1,6 +1,8 @@
 """Pipeline parallelism (megatron-core 1F1B) on 2-4 gloo ranks against the single-process HF run."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from distutil import (COMMON, LLAMA_RTE, WORKER, assert_matches_reference, assert_partitions_predicted,
@@ -48,3 +50,26 @@ def test_megatron_recompute_bit_identical(backbone, tmp_path, layout, blocks):
         on, off = record(runs["true"], r), record(runs["false"], r)
         assert on["checkpointed_blocks"] == blocks and off["checkpointed_blocks"] == 0
         assert on["block_forwards"] == 2 * off["block_forwards"] > 0, (on["block_forwards"], off["block_forwards"])
+
+
+COPA = ["--task", "copa", "--max_seq_len", 96]  # choices of several sentencepiece tokens: scored, not one head
+
+
+@pytest.fixture(scope="module")
+def copa_reference(family_dirs, tmp_path_factory):
+    from distutil import run
+
+    out = tmp_path_factory.mktemp("copa_ref")
+    run([sys.executable, WORKER, "--record", out / "rec", "--output_dir", out, "--model", family_dirs["llama"],
+         "--splice", "reference", *COPA, *COMMON])
+    return out
+
+
+@pytest.mark.parametrize("layout", [["--pp", 2], ["--tp", 2]], ids=["pp2", "tp2"])
+def test_copa_candidate_scoring_matches_single_process(family_dirs, copa_reference, tmp_path, layout):
+    """COPA's two answers of several tokens, every token's log-probability summed, the candidates of
+    the micro-batch in one forward: the megatron backend at PP=2 (scores on the last stage) and TP=2
+    (the vocabulary-parallel head gathered) against the HF backend in one process."""
+    torchrun(2, WORKER, "--record", tmp_path / "rec", "--output_dir", tmp_path, "--model", family_dirs["llama"],
+             "--backend", "megatron", *layout, *COPA, *COMMON)
+    assert_matches_reference(copa_reference, tmp_path, steps=(3,))

@@ -11,6 +11,7 @@ from ptuning_dist.backbone.hf import HFBackbone
 from ptuning_dist.backbone.tiny import default_backbone
 from ptuning_dist.config import from_dict
 from ptuning_dist.data.collate import Example, collate
+from ptuning_dist.data.scoring import sequences
 from ptuning_dist.data.packing import (assign_bins, forward_groups, pack, packed_attention_mask, packed_size,
                                        shared_prefix_len, step_forwards)
 from ptuning_dist.errors import ConfigError
@@ -52,7 +53,7 @@ def test_prefix_bins_and_plan():
     assert shared_prefix_len([a, b]) == 0
     # suffixes 4, 1, 3, 2 into bins of 9 (prefix 5), longest first: 4 | 3 then 1 | 2
     assert assign_bins([9, 6, 8, 7], 5, 9) == [[0], [2, 1], [3]]
-    batch = pack(ex, 0, capacity=12)
+    batch = pack(sequences(ex)[0], ex, 0, capacity=12)
     # every row's tokens, slots and target are found where the plan says, with its own positions
     for b, e in enumerate(ex):
         k, t = int(batch.target_row_E[b]), int(batch.target_pos_E[b])

@@ -71,6 +71,29 @@ def splice_check(bb, ids):
             "splice_shape": list(outs[0].shape)}
 
 
+def scoring_check(bb, hf):
+    """Candidate answers of several tokens through FrozenLM on this TP layout (the vocabulary-
+    parallel head gathered, log-softmax, per-candidate sums) against HF's own log-probabilities."""
+    from ptuning_dist.data.collate import Example, collate
+    from ptuning_dist.model import FrozenLM
+    from ptuning_dist.prompt.template import Encoded
+
+    ctxs, cands = [(1, 2, 3, 4), (7, 8, 9)], [((5, 6, 7), (9,), (11, 3)), ((3, 4), (8, 2))]
+    batch = collate([Example(Encoded(c, (), (), -1), 0, "g", 0, k) for c, k in zip(ctxs, cands)], pad_id=0)
+    frozen = FrozenLM(bb, None)
+    with torch.no_grad():
+        ours = frozen(batch.ids_BS, batch.attention_mask_BS, batch.slot_BS, batch.prompt_rows_N, batch.prompt_pos_N,
+                      batch.prompt_slots_N, batch.target_pos_E, torch.zeros(0, bb.hidden_size), batch.target_row_E,
+                      None, None, batch.score_tokens_Q, batch.score_seq_Q, batch.cand_valid_XK, batch.cand_len_XK)
+        diff = 0.0
+        for x, (ctx, ks) in enumerate(zip(ctxs, cands)):
+            for k, c in enumerate(ks):
+                logp = torch.log_softmax(hf(input_ids=torch.tensor([ctx + c])).logits[0].float(), -1)
+                ref = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(c))
+                diff = max(diff, abs(float(ours[x, k]) - ref))
+    return {"scoring_diff": diff, "scoring_pad_is_inf": bool(ours[1, 2] == float("-inf"))}
+
+
 def main():
     hf_dir, out = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
@@ -105,7 +128,7 @@ def main():
         embed_diff = (bb.reference_splice(ids, no_prompt, no_prompt, no_prompt, torch.zeros(0, H))
                       - decoder_input(bb, hf.get_input_embeddings().weight[ids])).abs().max()
         wrong_diff = float((_wrong_mapping_logits(bb, hf, embeds, mask, target, tp) - ref).abs().max())
-    checks = splice_check(bb, ids)
+    checks = {**splice_check(bb, ids), **scoring_check(bb, hf)}
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps({**checks, "max_abs_diff": float((ours - ref).abs().max()), "tp": tp,
                                          "wrong_mapping_diff": wrong_diff,
