@@ -32,7 +32,7 @@ EncoderKind = Literal["lstm", "mlp", "embedding"]
 Sharing = Literal["per_group", "shared"]
 Batching = Literal["mixed", "by_group"]
 LrSchedule = Literal["linear", "constant"]
-TaskName = Literal["default", "lama", "rte", "cb", "boolq", "wic", "copa"]
+TaskName = Literal["default", "lama", "rte", "cb", "boolq", "wic", "copa", "wsc", "multirc", "record"]
 Packing = Literal["auto", "on", "off"]
 HostMalloc = Literal["auto", "mmap", "trim", "off"]
 

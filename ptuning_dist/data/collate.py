@@ -27,13 +27,14 @@ class Candidates:
 
     ids: list[int] | None
     names: list[str] | None = None  # label names, for classification
-    metric: str = "lama"  # 'lama' (P@1), 'classification' (accuracy, macro-F1) or 'choice' (accuracy)
+    metric: str = "lama"  # Task.metric: lama (P@1), classification (accuracy, macro-F1), choice (accuracy),
+    # multirc (F1a, EM), record (EM, F1)
     words: list[list[int]] | None = None  # a verbalizer of words of several tokens: scored (data/scoring.py)
 
     @property
     def scoring(self) -> bool:
         """Whether rows are scored candidate by candidate (teacher forcing) rather than by one head."""
-        return self.words is not None or self.metric == "choice"
+        return self.words is not None or self.metric in ("choice", "record")
 
     def __post_init__(self):
         self.index = {v: k for k, v in enumerate(self.ids)} if self.ids is not None else None
@@ -54,8 +55,8 @@ def build_candidates(task: Task, tok, allowed_vocab: str | None, space_before: b
     vocabulary), None (the task's default), ``"objects"`` (every object of the task's data) or a file of words (a JSON list
     or one word a line, as the paper's LAMA-29k/34k vocabularies); words that are not single
     tokens of this tokenizer are left out of a file vocabulary."""
-    if getattr(task, "choices", False):  # each row brings its own candidate answers (COPA)
-        return Candidates(None, metric="choice")
+    if getattr(task, "choices", False):  # each row brings its own candidate answers (COPA, ReCoRD)
+        return Candidates(None, metric=task.metric)
     if task.verbalizer is not None:
         names, words = list(task.verbalizer), [tok.encode(w, space_before) for w in task.verbalizer.values()]
         for label, w in zip(names, words):
@@ -64,9 +65,9 @@ def build_candidates(task: Task, tok, allowed_vocab: str | None, space_before: b
         if len({tuple(w) for w in words}) < len(words):
             raise TemplateError(f"verbalizer of task {task.name}: two labels have the same word {task.verbalizer}")
         if all(len(w) == 1 for w in words):  # the head scores K single tokens at the mask
-            return Candidates([w[0] for w in words], names, metric="classification")
+            return Candidates([w[0] for w in words], names, metric=task.metric)
         # a word of several tokens: every label's word scored by its tokens' log-probabilities
-        return Candidates(None, names, metric="classification", words=words)
+        return Candidates(None, names, metric=task.metric, words=words)
     allowed_vocab = allowed_vocab or task.default_allowed_vocab
     if allowed_vocab == "full":
         return Candidates(None)
@@ -97,6 +98,7 @@ class Example:
     label: int  # index into the candidates (or the vocabulary id when all ids are scored)
     group: str  # the row's group (LAMA relation / task): metrics are per group
     pgroup: int = 0  # index of its prompt group (prompt/groups.py): which encoder its slots train
+    row: Row | None = None  # the data row (metrics read its question id, answers, candidates)
     cand_ids: tuple[tuple[int, ...], ...] | None = None  # candidate answers' tokens (data/scoring.py); label
     # is then the gold candidate's index
 
@@ -123,7 +125,7 @@ def encode_rows(
             label, cand_ids = cands.label_of(enc.target_id, row), None
         if offset:
             enc = dataclasses.replace(enc, prompt_slot=tuple(s + offset for s in enc.prompt_slot))
-        out.append(Example(enc, label, row.group, g, cand_ids))
+        out.append(Example(enc, label, row.group, g, row, cand_ids))
     if not out:
         raise DataError("no examples: the data split is empty")
     return out

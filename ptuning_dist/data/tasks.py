@@ -70,6 +70,7 @@ class Task:
     default_allowed_vocab: str = "full"  # LAMA: which ids the head scores when the config says None
     splits: dict[str, str]  # split name -> file name
     select_metric: str = "accuracy"  # what best-on-dev selection compares (LAMA: P@1 of the group)
+    metric: str = "classification"  # the metrics (train/evaluate.py): lama, classification, choice, multirc, record
 
     def __init__(self, data_dir: str | Path | None):
         self.data_dir = Path(data_dir) if data_dir else self.default_dir()
@@ -96,6 +97,7 @@ class Task:
 
 class LamaTask(Task):
     name = "lama"
+    metric = "lama"
     fields = ("sub_label",)
     default_template = "[P*3] {sub_label} [P*3]"
 
@@ -222,6 +224,7 @@ class CopaTask(SuperGlueTask):
     fields = ("premise", "choice1", "choice2", "connective")
     default_template = '"{choice1}" or "{choice2}" ? {premise} , [P*3] {connective} [MASK]'
     choices = True
+    metric = "choice"
 
     def rows(self, split: str) -> list[Row]:
         if split not in self.splits:
@@ -243,6 +246,96 @@ class CopaTask(SuperGlueTask):
         return out
 
 
+class WscTask(SuperGlueTask):
+    """WSC as the yes/no question whether the pronoun (span2) refers to the noun phrase (span1):
+    every FewGLUE row, both labels, scored by one head (PET instead generates span1 from the rows
+    labelled true; this keeps the false rows as training signal and the metric plain accuracy)."""
+
+    name, folder = "wsc", "WSC"
+    fields = ("text", "target.span2_text", "target.span1_text")
+    default_template = '{text} [P*3] Does " {target.span2_text} " refer to " {target.span1_text} " ? [MASK] .'
+    verbalizer = {"true": "yes", "false": "no"}
+
+
+class MultircTask(SuperGlueTask):
+    """MultiRC: one row per (question, answer option), a yes/no verbalizer; metrics F1a (F1 over all
+    answer options, positive = correct) and EM (questions whose options are all right)."""
+
+    name, folder = "multirc", "MultiRC"
+    fields = ("passage", "question", "answer")
+    default_template = "{passage} [P*3] Question: {question} ? Is it {answer} ? [MASK] ."
+    verbalizer = {"1": "yes", "0": "no"}
+    metric, select_metric = "multirc", "f1a"
+
+    def rows(self, split: str) -> list[Row]:
+        if split not in self.splits:
+            raise DataError(f"task {self.name}: unknown split {split!r}; use one of {sorted(self.splits)}")
+        path = self.data_dir / self.splits[split]
+        out = []
+        for n, obj in read_jsonl(path):
+            where = f"{path}:{n}"
+            passage = _text(_get(obj, "passage.text", where), "passage.text", where)
+            questions = _get(obj, "passage.questions", where)
+            if not isinstance(questions, list) or not questions:
+                raise DataError(f"{where}: passage.questions must be a non-empty list")
+            for qi, q in enumerate(questions):
+                qwhere = f"{where} (question {qi})"
+                question = _text(_get(q, "question", qwhere), "question", qwhere)
+                for a in _get(q, "answers", qwhere):
+                    label = _label_str(_get(a, "label", qwhere))
+                    if label not in self.verbalizer:
+                        raise DataError(f"{qwhere}: answer label {label!r} must be 0 or 1")
+                    values = {"passage": passage, "question": question,
+                              "answer": _text(_get(a, "text", qwhere), "answer text", qwhere),
+                              "_unit": f"{obj.get('idx', n)}/{qi}"}
+                    out.append(Row(values, self.verbalizer[label], label, self.name, qwhere))
+        return out
+
+
+class RecordTask(SuperGlueTask):
+    """ReCoRD: fill the query's @placeholder with one of the passage's entities. Every distinct
+    entity is a candidate, scored by the log-probability of the query with it filled in after the
+    passage (all candidates of an example in one forward); metrics EM and token F1 of the chosen
+    entity against the answers (SQuAD normalisation). FewGLUE has no val split for ReCoRD."""
+
+    name, folder = "record", "ReCoRD"
+    fields = ("passage",)
+    default_template = "{passage} [P*3] [MASK]"
+    choices = True
+    metric, select_metric = "record", "f1"
+
+    def rows(self, split: str) -> list[Row]:
+        if split not in self.splits:
+            raise DataError(f"task {self.name}: unknown split {split!r}; use one of {sorted(self.splits)}")
+        path = self.data_dir / self.splits[split]
+        out = []
+        for n, obj in read_jsonl(path):
+            where = f"{path}:{n}"
+            text = _text(_get(obj, "passage.text", where), "passage.text", where)
+            entities = []
+            for ent in _get(obj, "passage.entities", where):
+                start, end = _get(ent, "start", where), _get(ent, "end", where)
+                if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end < len(text)):
+                    raise DataError(f"{where}: entity span {ent!r} is not inside the passage")
+                name = text[start:end + 1].strip()
+                if name and name not in entities:
+                    entities.append(name)
+            passage = text.replace("@highlight\n", "- ")
+            for qi, qa in enumerate(_get(obj, "qas", where)):
+                qwhere = f"{where} (query {qi})"
+                query = _text(_get(qa, "query", qwhere), "query", qwhere)
+                if "@placeholder" not in query:
+                    raise DataError(f"{qwhere}: query has no @placeholder")
+                answers = [_text(_get(a, "text", qwhere), "answer text", qwhere) for a in _get(qa, "answers", qwhere)]
+                gold = next((e for e in entities if e in answers), None)
+                if gold is None:
+                    raise DataError(f"{qwhere}: no passage entity is an answer ({answers})")
+                cands = tuple(query.replace("@placeholder", e) for e in entities)
+                values = {"passage": passage, "_answers": answers, "_entities": entities}
+                out.append(Row(values, cands[entities.index(gold)], gold, self.name, qwhere, cands))
+        return out
+
+
 def _text(value, field: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where}: field {field!r} must be a non-empty string, got {value!r}")
@@ -255,7 +348,8 @@ def _answer(value, field: str, where: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-TASKS = {t.name: t for t in (DefaultTask, LamaTask, RteTask, CbTask, BoolqTask, WicTask, CopaTask)}
+TASKS = {t.name: t for t in (DefaultTask, LamaTask, RteTask, CbTask, BoolqTask, WicTask, CopaTask, WscTask,
+                              MultircTask, RecordTask)}
 assert tuple(TASKS) == choices(TaskName), "config.TaskName and TASKS must list the same tasks"
 
 

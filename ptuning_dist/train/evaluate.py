@@ -7,7 +7,8 @@ evaluating through the encoder and through the exported table are the same compu
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import string
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -78,11 +79,54 @@ def classification_metrics(preds: list[int], examples: list[Example], labels: li
     return {"accuracy": acc, "macro_f1": sum(f1s) / len(f1s), "n": len(gold)}
 
 
+def multirc_metrics(preds: list[int], examples: list[Example], labels: list[str]) -> dict:
+    """F1a: F1 over every answer option (positive: the option is correct); EM: the share of
+    questions whose options are all predicted right (SuperGLUE's MultiRC metrics)."""
+    pos = labels.index("1")
+    tp = sum(p == pos and e.label == pos for p, e in zip(preds, examples))
+    fp = sum(p == pos and e.label != pos for p, e in zip(preds, examples))
+    fn = sum(p != pos and e.label == pos for p, e in zip(preds, examples))
+    right = defaultdict(list)
+    for p, e in zip(preds, examples):
+        right[e.row.values["_unit"]].append(p == e.label)
+    return {"f1a": 2 * tp / (2 * tp + fp + fn) if tp else 0.0, "em": sum(all(r) for r in right.values()) / len(right),
+            "accuracy": sum(p == e.label for p, e in zip(preds, examples)) / len(examples), "n": len(examples)}
+
+
+def _normalize(text: str) -> list[str]:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return [w for w in text.split() if w not in ("a", "an", "the")]
+
+
+def _f1(pred: str, gold: str) -> float:
+    p, g = _normalize(pred), _normalize(gold)
+    common = sum((Counter(p) & Counter(g)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def record_metrics(preds: list[int], examples: list[Example]) -> dict:
+    """EM and token F1 of the chosen entity against the query's answers (the best answer counts)."""
+    em = f1 = 0.0
+    for p, e in zip(preds, examples):
+        chosen, answers = e.row.values["_entities"][p], e.row.values["_answers"]
+        em += max(float(_normalize(chosen) == _normalize(a)) for a in answers)
+        f1 += max(_f1(chosen, a) for a in answers)
+    return {"em": em / len(examples), "f1": f1 / len(examples), "n": len(examples)}
+
+
 def evaluate(model: PTuningModel, examples: list[Example], cands, batch_size: int, pad_id: int, device,
              table_MH: torch.Tensor | None = None, pipeline=None, pack_to: int | None = None) -> dict:
     preds = predict(model, examples, batch_size, pad_id, device, table_MH, pipeline, pack_to)
     if cands.metric == "choice":  # the gold candidate's index: accuracy
         return {"accuracy": sum(p == e.label for p, e in zip(preds, examples)) / len(examples), "n": len(examples)}
+    if cands.metric == "multirc":
+        return multirc_metrics(preds, examples, cands.names)
+    if cands.metric == "record":
+        return record_metrics(preds, examples)
     if cands.names is not None:
         return classification_metrics(preds, examples, cands.names)
     return lama_metrics(preds, examples)
@@ -132,6 +176,10 @@ def export_and_evaluate(model: PTuningModel, encoder, parts, eval_ex: list[Examp
 
 
 def headline(res: dict) -> str:
+    if "f1a" in res:
+        return f"F1a {res['f1a']:.3f} EM {res['em']:.3f}"
+    if "f1" in res:
+        return f"F1 {res['f1']:.3f} EM {res['em']:.3f}"
     if "macro_f1" in res:
         return f"acc {res['accuracy']:.3f} macro-F1 {res['macro_f1']:.3f}"
     if "accuracy" in res:

@@ -72,4 +72,6 @@ def test_copa_candidate_scoring_matches_single_process(family_dirs, copa_referen
     (the vocabulary-parallel head gathered) against the HF backend in one process."""
     torchrun(2, WORKER, "--record", tmp_path / "rec", "--output_dir", tmp_path, "--model", family_dirs["llama"],
              "--backend", "megatron", *layout, *COPA, *COMMON)
-    assert_matches_reference(copa_reference, tmp_path, steps=(3,))
+    # the loss is a cross-entropy over sums of ~10-20 token log-probs (|loss| ~ 10): float order
+    # across TP ranks and stages moves it by up to ~2e-5 (seen 1.5e-5), relative 2e-6
+    assert_matches_reference(copa_reference, tmp_path, steps=(3,), tol=1e-4)

@@ -32,7 +32,7 @@ def hf_scores(hf, ctx, cands) -> list[float]:
 
 
 def scoring_examples():
-    return [Example(Encoded(ctx, (), (), -1), 0, "g", 0, cands) for ctx, cands in zip(CONTEXTS, CANDS)]
+    return [Example(Encoded(ctx, (), (), -1), 0, "g", 0, cand_ids=cands) for ctx, cands in zip(CONTEXTS, CANDS)]
 
 
 @pytest.mark.parametrize("pack_to", [None, 32], ids=["padded", "packed"])

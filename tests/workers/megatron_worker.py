@@ -79,7 +79,7 @@ def scoring_check(bb, hf):
     from ptuning_dist.prompt.template import Encoded
 
     ctxs, cands = [(1, 2, 3, 4), (7, 8, 9)], [((5, 6, 7), (9,), (11, 3)), ((3, 4), (8, 2))]
-    batch = collate([Example(Encoded(c, (), (), -1), 0, "g", 0, k) for c, k in zip(ctxs, cands)], pad_id=0)
+    batch = collate([Example(Encoded(c, (), (), -1), 0, "g", 0, cand_ids=k) for c, k in zip(ctxs, cands)], pad_id=0)
     frozen = FrozenLM(bb, None)
     with torch.no_grad():
         ours = frozen(batch.ids_BS, batch.attention_mask_BS, batch.slot_BS, batch.prompt_rows_N, batch.prompt_pos_N,
