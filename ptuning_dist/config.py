@@ -126,9 +126,10 @@ class PromptConfig(Section):
 @dataclass
 class DataConfig(Section):
     name: ClassVar[str] = "data"
-    task: TaskName = "default"
-    """The task: 'default' (the bundled tiny LAMA set), 'lama' (a LAMA-layout folder), or a FewGLUE
-    task."""
+    task: str = "default"
+    """The task: 'default' (the bundled tiny LAMA set), 'lama' (a LAMA-layout folder), a FewGLUE task
+    (rte, cb, boolq, wic, copa, wsc, multirc, record), or several FewGLUE tasks comma-separated
+    ('rte,cb,boolq'): one run, each task with its own prompt, template and verbalizer."""
     data_dir: str | None = None
     """The task's data folder; None: the bundled set (default) or ../shared/data/fewglue/<TASK>."""
     relations: list[str] | None = None
@@ -164,6 +165,20 @@ class DataConfig(Section):
 
     def check(self):
         _require(self.max_seq_len >= 8, "data.max_seq_len", f"must be >= 8, got {self.max_seq_len}")
+        names = self.tasks
+        for t in names:
+            _require(t in choices(TaskName), "data.task", f"{t!r} is not {one_of(choices(TaskName))}")
+        _require(len(set(names)) == len(names), "data.task", f"a task is named twice in {self.task!r}")
+        if len(names) > 1:
+            _require(not {"default", "lama"} & set(names), "data.task",
+                     f"{self.task!r}: only FewGLUE tasks combine in one run (LAMA's groups are its relations)")
+            _require(self.data_dir is None, "data.data_dir",
+                     "give none with several tasks (each reads ../shared/data/fewglue/<TASK>)")
+
+    @property
+    def tasks(self) -> list[str]:
+        """The task names of ``task`` (one, or several comma-separated)."""
+        return [t.strip() for t in str(self.task).split(",")] if str(self.task).strip() else [""]
 
 
 @dataclass
@@ -269,6 +284,11 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
+        if len(self.data.tasks) > 1:
+            _require(self.prompt.template is None, "prompt.template",
+                     "give none with several tasks: each task uses its own template")
+            _require(self.prompt.sharing == "per_group", "prompt.sharing",
+                     "several tasks have several templates: each needs its own prompt (per_group)")
         _require(not (self.data.packing == "on" and self.model.backend == "megatron"), "data.packing",
                  "'on' needs model.backend = hf (megatron's attention takes no packed mask yet); use auto or off")
 

@@ -11,6 +11,7 @@ positions, the others the whole [s, b, h] activation for the next stage.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -164,7 +165,6 @@ class MegatronBackbone(nn.Module):
             copy_to_tensor_model_parallel_region,
             reduce_from_tensor_model_parallel_region,
         )
-        from torch.distributed.nn.functional import all_gather
 
         weight = self._head_weight()
         # Each rank's shard gives only part of d(loss)/d(hidden): sum it over TP in the backward
@@ -173,7 +173,11 @@ class MegatronBackbone(nn.Module):
         if candidate_ids_K is None:  # E x V: only E rows, so gathering the shards is cheap
             shard_EV = F.linear(hidden_EH, weight)
             if ps.get_tensor_model_parallel_world_size() > 1:
-                shard_EV = torch.cat(all_gather(shard_EV, group=ps.get_tensor_model_parallel_group()), dim=-1)
+                # every TP rank computes the same loss from the gathered logits: the backward keeps
+                # this rank's slice of the gradient (megatron's gather_from_tensor_model_parallel_region,
+                # which allocates on CUDA), it must not sum the TP copies (torch.distributed.nn's
+                # all_gather does: the encoder's gradient came out TP x too big)
+                shard_EV = _GatherLastDim.apply(shard_EV, ps.get_tensor_model_parallel_group())
             return shard_EV[:, : self.vocab_size].float()
         start, end = self._vocab_range()
         local = (candidate_ids_K >= start) & (candidate_ids_K < end)
@@ -188,3 +192,19 @@ class MegatronBackbone(nn.Module):
     def head_shard(self, hidden_EH: torch.Tensor) -> torch.Tensor:
         """This TP rank's slice of the vocabulary logits (tied or own vocabulary-parallel table)."""
         return F.linear(hidden_EH, self._head_weight()).float()
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dim over a group; backward: this rank's slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank = dist.get_rank(ctx.group)
+        return grad.chunk(dist.get_world_size(ctx.group), dim=-1)[rank].contiguous(), None

@@ -52,10 +52,15 @@ def main(argv=None) -> int:
             _, meta = load_table(args.prompt_table)
             if cfg.prompt.template not in (None, meta["template"]):
                 raise PTuningError(f"--template {cfg.prompt.template!r} differs from the table's {meta['template']!r}")
-            cfg.prompt.template = meta["template"]
+            if len(meta.get("templates", {})) <= 1:  # several tasks: each task's own (checked below)
+                cfg.prompt.template = meta["template"]
         run_ = build_run(cfg)
         if args.prompt_table:  # the rows each group's slots index: the table's own mapping
             run_.groups = meta["groups"]
+            ours = {g: t.text for g, t in run_.templates.items()}
+            if len(meta.get("templates", {})) > 1 and meta["templates"] != ours:
+                raise PTuningError(f"--prompt_table {args.prompt_table}: trained with the templates "
+                                   f"{meta['templates']}, these tasks have {ours}")
         cands = run_.cands.tensor()
         cands = None if cands is None else cands.to(run_.device)
         prompt = None

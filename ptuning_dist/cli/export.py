@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         run_ = build_run(cfg, device=None, load_backbone=False)
         enc = build_encoders(run_, cfg.train.seed)  # one per prompt group, as the run had them
         load_encoder(run_dir / ENCODER_FILE, enc)
-        out = save_table(args.out or run_dir / "prompt_table", enc.export_table(), template=run_.template.text,
+        out = save_table(args.out or run_dir / "prompt_table", enc.export_table(), template=run_.template.text, templates=run_.templates,
                          backbone_path=str(run_.model_path), backbone_hash=run_.backbone_hash,
                          tokenizer=str(run_.model_path), vocab_size=run_.tok.vocab_size, groups=run_.groups,
                          extra={"task": cfg.data.task, "encoder": cfg.prompt.encoder})

@@ -30,11 +30,12 @@ class Candidates:
     metric: str = "lama"  # Task.metric: lama (P@1), classification (accuracy, macro-F1), choice (accuracy),
     # multirc (F1a, EM), record (EM, F1)
     words: list[list[int]] | None = None  # a verbalizer of words of several tokens: scored (data/scoring.py)
+    per_task: dict | None = None  # several tasks: name -> (its metric, label names or None, select_metric)
 
     @property
     def scoring(self) -> bool:
         """Whether rows are scored candidate by candidate (teacher forcing) rather than by one head."""
-        return self.words is not None or self.metric in ("choice", "record")
+        return self.words is not None or self.metric in ("choice", "record", "multitask")
 
     def __post_init__(self):
         self.index = {v: k for k, v in enumerate(self.ids)} if self.ids is not None else None
@@ -55,6 +56,10 @@ def build_candidates(task: Task, tok, allowed_vocab: str | None, space_before: b
     vocabulary), None (the task's default), ``"objects"`` (every object of the task's data) or a file of words (a JSON list
     or one word a line, as the paper's LAMA-29k/34k vocabularies); words that are not single
     tokens of this tokenizer are left out of a file vocabulary."""
+    if task.metric == "multitask":  # every row scores its own task's answers
+        per_task = {n: (t.metric, list(t.verbalizer) if t.verbalizer else None, t.select_metric)
+                    for n, t in task.tasks.items()}
+        return Candidates(None, metric="multitask", per_task=per_task)
     if getattr(task, "choices", False):  # each row brings its own candidate answers (COPA, ReCoRD)
         return Candidates(None, metric=task.metric)
     if task.verbalizer is not None:

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,13 @@ class Task:
     def has_split(self, split: str) -> bool:
         """Whether the data has this split (a split some relations have and others lack is an error)."""
         raise NotImplementedError
+
+    def template_of(self, group: str) -> str:
+        """The default template of a group's rows (several tasks: each its own)."""
+        return self.default_template
+
+    def fields_of(self, group: str) -> tuple[str, ...]:
+        return self.fields
 
     def groups(self) -> list[str]:
         """The groups rows belong to (``Row.group``), in a fixed order: one prompt each under
@@ -353,7 +361,54 @@ TASKS = {t.name: t for t in (DefaultTask, LamaTask, RteTask, CbTask, BoolqTask, 
 assert tuple(TASKS) == choices(TaskName), "config.TaskName and TASKS must list the same tasks"
 
 
+class MultiTask(Task):
+    """Several FewGLUE tasks in one run (``--task rte,cb,boolq``): each task is a group with its own
+    prompt, template and answers. Every row carries its own task's answers as candidates (the
+    verbalizer's words, COPA's choices, ReCoRD's entities) and is scored through the same
+    candidate-scoring path (``data/scoring.py``): for single-token words that is the verbalizer
+    head's loss exactly (a softmax over the candidates of log-probabilities normalised over the
+    vocabulary is the softmax over their logits). Metrics are each task's own, and their mean."""
+
+    metric = "multitask"
+    verbalizer = None
+    choices = True
+
+    def __init__(self, tasks: list[Task]):
+        self.tasks = {t.name: t for t in tasks}
+        self.name = ",".join(self.tasks)
+        self.fields = ()
+        self.select_metric = {n: t.select_metric for n, t in self.tasks.items()}
+        self.data_dir = None
+
+    def groups(self) -> list[str]:
+        return list(self.tasks)
+
+    def template_of(self, group: str) -> str:
+        return self.tasks[group].default_template
+
+    def fields_of(self, group: str) -> tuple[str, ...]:
+        return self.tasks[group].fields
+
+    def has_split(self, split: str) -> bool:
+        have = [n for n, t in self.tasks.items() if t.has_split(split)]
+        return len(have) == len(self.tasks)  # ReCoRD has no val: no test split for a run holding it
+
+    def rows(self, split: str) -> list[Row]:
+        out = []
+        for t in self.tasks.values():
+            for row in t.rows(split):
+                if row.candidates is None:  # a verbalizer task: its words are the row's candidates
+                    row = dataclasses.replace(row, candidates=tuple(t.verbalizer.values()))
+                out.append(row)
+        return out
+
+    def manual_template(self, group: str) -> str:
+        return self.tasks[group].manual_template(group)
+
+
 def build_task(name: str, data_dir=None, relations=None) -> Task:
+    if "," in name:
+        return MultiTask([build_task(n.strip()) for n in name.split(",")])
     if name not in TASKS:
         raise DataError(f"data.task: unknown task {name!r}; known: {sorted(TASKS)}")
     cls = TASKS[name]

@@ -30,8 +30,10 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_table(out_dir, table_MH: torch.Tensor, *, template: str, backbone_path: str, backbone_hash: str,
-               tokenizer: str, vocab_size: int, groups: PromptGroups | None = None, extra: dict | None = None) -> Path:
-    """``groups``: which rows belong to which prompt group (None: one group, all rows)."""
+               tokenizer: str, vocab_size: int, groups: PromptGroups | None = None, templates: dict | None = None,
+               extra: dict | None = None) -> Path:
+    """``groups``: which rows belong to which prompt group (None: one group, all rows);
+    ``templates``: each row group's template (several tasks), recorded beside ``template``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table_MH = table_MH.detach().float().cpu().contiguous()
@@ -45,6 +47,7 @@ def save_table(out_dir, table_MH: torch.Tensor, *, template: str, backbone_path:
         "vocab_size": int(vocab_size),
         "backbone": {"path": backbone_path, "fingerprint": backbone_hash},
         "groups": (groups or PromptGroups.of([SHARED], int(table_MH.shape[0]))).to_json(),
+        "templates": {g: t.text for g, t in (templates or {}).items()},
         **(extra or {}),
     }
     _atomic_write(out_dir / TABLE_FILE, lambda p: save_file({"prompt_table": table_MH}, str(p)))

@@ -39,6 +39,7 @@ class Run:
     device: torch.device
     hidden_size: int = 0
     groups: PromptGroups | None = None  # the prompt groups (prompt/groups.py): rows of the stacked table
+    templates: dict | None = None  # row group -> its Template (several tasks: each its own)
 
     def prompt_group(self, row_group: str) -> str:
         """The prompt group a row of ``row_group`` (its LAMA relation or task) trains."""
@@ -63,8 +64,10 @@ def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | No
         raise ConfigError(f"model.path: {model_path} is not a Hugging Face model directory (no config.json)")
     tok = PieceTokenizer.from_dir(model_path)
     task = build_task(cfg.data.task, cfg.data.data_dir, cfg.data.relations)
-    template = Template(cfg.prompt.template or task.default_template, fields=task.fields)
-    groups = prompt_groups(cfg.prompt.sharing, task, template.n_prompt)
+    templates = {g: Template(cfg.prompt.template or task.template_of(g), fields=task.fields_of(g))
+                 for g in task.groups()}
+    template = next(iter(templates.values()))  # one task: its template, whatever the group
+    groups = prompt_groups(cfg.prompt.sharing, task, templates)
     mask_space = template.parts[-1].space_before
     cands = build_candidates(task, tok, cfg.data.allowed_vocab, mask_space)
     from ptuning_dist.backbone.megatron_dist import is_torch_dist, source_fingerprint
@@ -75,7 +78,7 @@ def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | No
         from ptuning_dist.backbone.megatron_import import hf_config
 
         return Run(cfg, model_path, backbone_hash, tok, task, template, cands, None, device,
-                   hf_config(model_path).hidden_size, groups)
+                   hf_config(model_path).hidden_size, groups, templates)
     if torch_dist and cfg.model.backend != "megatron":
         raise ConfigError(f"model.path: {model_path} is a megatron-core torch_dist checkpoint; it loads on "
                           "model.backend = megatron (--backend megatron)")
@@ -98,12 +101,15 @@ def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | No
     else:
         backbone = HFBackbone.from_pretrained(model_path, cfg.model.dtype).to(device)
     return Run(cfg, model_path, backbone_hash, tok, task, template, cands, backbone, device, backbone.hidden_size,
-               groups)
+               groups, templates)
 
 
-def prompt_groups(sharing: str, task: Task, n_prompt: int) -> PromptGroups:
-    """One group per task group (LAMA relation, or the task) under 'per_group'; one under 'shared'."""
-    return PromptGroups.of([SHARED] if sharing == "shared" else task.groups(), n_prompt)
+def prompt_groups(sharing: str, task: Task, templates: dict[str, Template]) -> PromptGroups:
+    """One group per task group (LAMA relation, or task) under 'per_group', with its template's
+    slots; one under 'shared'."""
+    if sharing == "shared":
+        return PromptGroups.of([SHARED], next(iter(templates.values())).n_prompt)
+    return PromptGroups(tuple(templates), tuple(t.n_prompt for t in templates.values()))
 
 
 def examples(run: Run, split: str, manual: bool = False) -> list[Example]:
@@ -114,7 +120,7 @@ def examples(run: Run, split: str, manual: bool = False) -> list[Example]:
         templates = {g: Template(run.task.manual_template(g)) for g in {r.group for r in rows}}
         template_for = lambda row: templates[row.group]  # noqa: E731
     else:
-        template_for = lambda row: run.template  # noqa: E731
+        template_for = lambda row: run.templates.get(row.group, run.template)  # noqa: E731
     groups = run.groups
 
     def prompt_group_of(row):

@@ -121,6 +121,22 @@ def record_metrics(preds: list[int], examples: list[Example]) -> dict:
 def evaluate(model: PTuningModel, examples: list[Example], cands, batch_size: int, pad_id: int, device,
              table_MH: torch.Tensor | None = None, pipeline=None, pack_to: int | None = None) -> dict:
     preds = predict(model, examples, batch_size, pad_id, device, table_MH, pipeline, pack_to)
+    return metrics(preds, examples, cands)
+
+
+def metrics(preds: list[int], examples: list[Example], cands) -> dict:
+    """The task's metrics of these predictions (several tasks: each task's own, and their mean)."""
+    if cands.metric == "multitask":
+        from ptuning_dist.data.collate import Candidates
+        from ptuning_dist.train.select import headline_score
+
+        per_task = {}
+        for name, (metric, names, _) in cands.per_task.items():
+            mine = [(p, e) for p, e in zip(preds, examples) if e.group == name]
+            if mine:
+                per_task[name] = metrics([p for p, _ in mine], [e for _, e in mine], Candidates(None, names, metric))
+        scores = [headline_score(r, cands.per_task[n][2]) for n, r in per_task.items()]  # each its select_metric
+        return {"macro": sum(scores) / len(scores), "per_task": per_task, "n": len(examples)}
     if cands.metric == "choice":  # the gold candidate's index: accuracy
         return {"accuracy": sum(p == e.label for p, e in zip(preds, examples)) / len(examples), "n": len(examples)}
     if cands.metric == "multirc":
@@ -160,7 +176,7 @@ def export_and_evaluate(model: PTuningModel, encoder, parts, eval_ex: list[Examp
         res["test"] = {"split": cfg.data.test_split, **both(cfg.data.test_split, test_ex)}
     if D.is_main:
         save_encoder(out / ENCODER_FILE, encoder)
-        save_table(out / "prompt_table", table_MH, template=parts.template.text,
+        save_table(out / "prompt_table", table_MH, template=parts.template.text, templates=parts.templates,
                    backbone_path=str(parts.model_path), backbone_hash=parts.backbone_hash,
                    tokenizer=str(parts.model_path), vocab_size=parts.tok.vocab_size, groups=parts.groups,
                    extra={"task": cfg.data.task, "encoder": encoder.kind, "steps": step, "selected": selected})
@@ -176,6 +192,9 @@ def export_and_evaluate(model: PTuningModel, encoder, parts, eval_ex: list[Examp
 
 
 def headline(res: dict) -> str:
+    if "per_task" in res:
+        return f"macro {res['macro']:.3f} over {len(res['per_task'])} tasks (" + ", ".join(
+            f"{n} {headline(r)}" for n, r in res["per_task"].items()) + ")"
     if "f1a" in res:
         return f"F1a {res['f1a']:.3f} EM {res['em']:.3f}"
     if "f1" in res:

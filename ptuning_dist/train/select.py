@@ -17,12 +17,18 @@ from __future__ import annotations
 from ptuning_dist.prompt.groups import SHARED, PromptGroups
 
 
-def headline_score(res: dict, metric: str = "accuracy") -> float:
-    return res["p@1_macro"] if "p@1_macro" in res else res[metric]
+def headline_score(res: dict, metric="accuracy") -> float:
+    """The one number of an evaluation: LAMA's macro P@1, several tasks' mean, else ``metric``."""
+    if "p@1_macro" in res:
+        return res["p@1_macro"]
+    if "per_task" in res:
+        return res["macro"]
+    return res[metric]
 
 
 class Selection:
-    def __init__(self, groups: PromptGroups, select_metric: str):
+    def __init__(self, groups: PromptGroups, select_metric):
+        """``select_metric``: the task's (several tasks: a dict, task name -> its metric)."""
         self.groups, self.metric = groups, select_metric
         self.best: dict[str, float] = {}
         self.best_step: dict[str, int] = {}
@@ -36,6 +42,8 @@ class Selection:
             return {SHARED: headline_score(res, self.metric)}
         if "p@1_per_relation" in res:  # LAMA: a group is a relation (one without dev rows has no score)
             return {g: res["p@1_per_relation"][g] for g in names if g in res["p@1_per_relation"]}
+        if "per_task" in res:  # several tasks: a group is a task, scored by its own metric
+            return {g: res["per_task"][g][self.metric[g]] for g in names if g in res["per_task"]}
         assert len(names) == 1, names  # a classification run is one task
         return {names[0]: res[self.metric]}
 

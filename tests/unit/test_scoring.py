@@ -90,3 +90,49 @@ def test_copa_bad_rows(tmp_path):
                                                       "question": "cause", "label": 1}) + "\n")
     with pytest.raises(DataError, match=r"train.jsonl:1: field 'choice2'"):
         CopaTask(tmp_path).rows("train")
+
+
+def test_several_tasks_in_one_run(family_dirs, tmp_path):
+    """rte, cb and copa in one job: a prompt, template and answers each; every row scored through
+    the candidate path, which for RTE's single-token words is the verbalizer head's loss."""
+    from ptuning_dist.prompt.export import load_table
+
+    cfg = from_dict({}, {"model.path": str(family_dirs["gpt2"]), "data.task": "rte,cb,copa", "train.max_steps": 2,
+                         "train.micro_batch_size": 4, "train.output_dir": str(tmp_path / "multi"),
+                         "data.max_seq_len": 160})
+    run = build_run(cfg, torch.device("cpu"))
+    assert run.groups.names == ("rte", "cb", "copa") and run.groups.n_prompt == (3, 3, 3)
+    multi = [e for e in examples(run, "train") if e.group == "rte"]
+    single_run = build_run(from_dict({}, {"model.path": str(family_dirs["gpt2"]), "data.task": "rte",
+                                          "train.output_dir": str(tmp_path / "one"), "data.max_seq_len": 160}),
+                           torch.device("cpu"))
+    single = examples(single_run, "train")
+    assert [e.label for e in multi] == [e.label for e in single] and multi[0].cand_ids and not single[0].cand_ids
+    table = torch.randn(9, run.hidden_size) * 0.1  # rte's rows are the first three in both runs
+    head = PTuningModel(single_run.backbone, None, single_run.cands.tensor())
+    scored = PTuningModel(run.backbone, None, None)
+    with torch.no_grad():
+        a = torch.nn.functional.cross_entropy(head.logits(collate(single[:6], 0), table), torch.tensor(
+            [e.label for e in single[:6]]))
+        b = torch.nn.functional.cross_entropy(scored.logits(collate(multi[:6], 0), table), torch.tensor(
+            [e.label for e in multi[:6]]))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    res = train(cfg, log=lambda *a: None)
+    assert set(res["ptuning"]["per_task"]) == {"rte", "cb", "copa"} and set(res["selected"]) == {"rte", "cb", "copa"}
+    assert res["selected"]["cb"]["score"] == res["ptuning"]["per_task"]["cb"]["macro_f1"]  # CB selects on F1
+    _, meta = load_table(tmp_path / "multi" / "prompt_table")
+    assert meta["groups"].to_json() == {"rte": [0, 3], "cb": [3, 6], "copa": [6, 9]}
+    assert meta["templates"]["copa"] == CopaTask.default_template
+
+
+@pytest.mark.parametrize("over,field", [({"data.task": "rte,lama"}, "data.task"), ({"data.task": "rte,rte"}, "data.task"),
+                                        ({"data.task": "rte,cb", "prompt.template": "[P] {premise} [MASK]"},
+                                         "prompt.template"),
+                                        ({"data.task": "rte,cb", "data.data_dir": "/x"}, "data.data_dir"),
+                                        ({"data.task": "rte,cb", "prompt.sharing": "shared"}, "prompt.sharing"),
+                                        ({"data.task": "sst2"}, "data.task")])
+def test_several_tasks_config_errors(over, field):
+    from ptuning_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        from_dict({}, over)
