@@ -24,7 +24,8 @@ class ExportArgs:
 def main(argv=None) -> int:
     def go():
         from ptuning_dist.config import from_dict, load_file
-        from ptuning_dist.prompt.export import ENCODER_FILE, load_encoder, save_table
+        from ptuning_dist.prompt.export import ENCODER_FILE, load_encoder
+        from ptuning_dist.train.evaluate import write_table
         from ptuning_dist.train.build import build_encoders, build_run
 
         p = argparse.ArgumentParser(prog="ptuning-export", description=DESCRIPTION)
@@ -37,10 +38,8 @@ def main(argv=None) -> int:
         run_ = build_run(cfg, device=None, load_backbone=False)
         enc = build_encoders(run_, cfg.train.seed)  # one per prompt group, as the run had them
         load_encoder(run_dir / ENCODER_FILE, enc)
-        out = save_table(args.out or run_dir / "prompt_table", enc.export_table(), template=run_.template.text, templates=run_.templates,
-                         backbone_path=str(run_.model_path), backbone_hash=run_.backbone_hash,
-                         tokenizer=str(run_.model_path), vocab_size=run_.tok.vocab_size, groups=run_.groups,
-                         extra={"task": cfg.data.task, "encoder": cfg.prompt.encoder})
+        out = write_table(Path(args.out or run_dir / "prompt_table"), enc.export_table(), run_,
+                          {"task": cfg.data.task, "encoder": cfg.prompt.encoder})
         print(f"prompt table -> {out}")
 
     return run(go)

@@ -125,6 +125,9 @@ def encode_rows(
             label = cands.names.index(row.label) if cands.words is not None else row.candidates.index(row.target)
             enc = template.encode(row.values, None, tok, max_len, row.where, reserve=max(map(len, words)) - 1)
             cand_ids = tuple(tuple(w) for w in words)
+        elif not row.labeled:  # a row to predict: no target to encode, a placeholder label
+            enc = template.encode(row.values, None, tok, max_len, row.where)
+            label, cand_ids = 0, None
         else:
             enc = template.encode(row.values, row.target, tok, max_len, row.where)
             label, cand_ids = cands.label_of(enc.target_id, row), None

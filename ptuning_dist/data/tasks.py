@@ -29,6 +29,7 @@ class Row:
     group: str  # LAMA relation id, or the task name: metrics are reported per group
     where: str  # "file:line", for errors
     candidates: tuple[str, ...] | None = None  # answers scored token by token (COPA); target is one of them
+    labeled: bool = True  # False: a row to predict (ptuning-predict); target and label are placeholders
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -82,6 +83,15 @@ class Task:
     def rows(self, split: str) -> list[Row]:
         raise NotImplementedError
 
+    def read(self, path: Path, labeled: bool = True) -> list[Row]:
+        """Rows of any JSONL file of this task's fields; ``labeled`` False: the label may be absent
+        (rows to predict)."""
+        return [r for n, obj in read_jsonl(path) for r in self.row_of(obj, f"{path}:{n}", labeled)]
+
+    def row_of(self, obj: dict, where: str, labeled: bool = True, group: str | None = None) -> list[Row]:
+        """The rows of one JSON object (MultiRC: one per answer option)."""
+        raise NotImplementedError
+
     def has_split(self, split: str) -> bool:
         """Whether the data has this split (a split some relations have and others lack is an error)."""
         raise NotImplementedError
@@ -129,11 +139,19 @@ class LamaTask(Task):
         out = []
         for rel in self.relations:
             path = self.data_dir / rel / f"{split}.jsonl"
-            for n, obj in read_jsonl(path):
-                where = f"{path}:{n}"
-                obj_label = _get(obj, "obj_label", where)
-                out.append(Row({"sub_label": _get(obj, "sub_label", where)}, obj_label, obj_label, rel, where))
+            out.extend(r for n, obj in read_jsonl(path) for r in self.row_of(obj, f"{path}:{n}", True, rel))
         return out
+
+    def row_of(self, obj, where, labeled=True, group=None) -> list[Row]:
+        """A fact; outside a relation's folder the row names its relation (``predicate_id``)."""
+        rel = group or obj.get("predicate_id") or obj.get("relation")
+        if rel not in self.relations:
+            raise DataError(f"{where}: relation {rel!r} (predicate_id) is not one of {self.relations}")
+        sub = _get(obj, "sub_label", where)
+        if labeled or "obj_label" in obj:
+            obj_label = _get(obj, "obj_label", where)
+            return [Row({"sub_label": sub}, obj_label, obj_label, rel, where)]
+        return [Row({"sub_label": sub}, "", "", rel, where, labeled=False)]
 
     def groups(self) -> list[str]:
         return list(self.relations)
@@ -177,16 +195,17 @@ class SuperGlueTask(Task):
     def rows(self, split: str) -> list[Row]:
         if split not in self.splits:
             raise DataError(f"task {self.name}: unknown split {split!r}; use one of {sorted(self.splits)}")
-        path = self.data_dir / self.splits[split]
-        out = []
-        for n, obj in read_jsonl(path):
-            where = f"{path}:{n}"
-            label = _label_str(_get(obj, "label", where))
-            if label not in self.verbalizer:
-                raise DataError(f"{where}: label {label!r} not in the verbalizer {sorted(self.verbalizer)}")
-            values = {f: _get(obj, f, where) for f in self.fields}
-            out.append(Row(values, self.verbalizer[label], label, self.name, where))
-        return out
+        return self.read(self.data_dir / self.splits[split])
+
+    def row_of(self, obj, where, labeled=True, group=None) -> list[Row]:
+        values = {f: _get(obj, f, where) for f in self.fields}
+        if not labeled and "label" not in obj:  # a placeholder label: predictions only
+            label = next(iter(self.verbalizer))
+            return [Row(values, self.verbalizer[label], label, self.name, where, labeled=False)]
+        label = _label_str(_get(obj, "label", where))
+        if label not in self.verbalizer:
+            raise DataError(f"{where}: label {label!r} not in the verbalizer {sorted(self.verbalizer)}")
+        return [Row(values, self.verbalizer[label], label, self.name, where)]
 
     def manual_template(self, group: str) -> str:
         from ptuning_dist.prompt.template import Template
@@ -234,24 +253,18 @@ class CopaTask(SuperGlueTask):
     choices = True
     metric = "choice"
 
-    def rows(self, split: str) -> list[Row]:
-        if split not in self.splits:
-            raise DataError(f"task {self.name}: unknown split {split!r}; use one of {sorted(self.splits)}")
-        path = self.data_dir / self.splits[split]
-        out = []
-        for n, obj in read_jsonl(path):
-            where = f"{path}:{n}"
-            label, question = _get(obj, "label", where), _get(obj, "question", where)
-            if label not in (0, 1) or isinstance(label, bool):
-                raise DataError(f"{where}: label {label!r} must be 0 or 1")
-            if question not in ("cause", "effect"):
-                raise DataError(f"{where}: question {question!r} must be 'cause' or 'effect'")
-            choices = tuple(_answer(_get(obj, f, where), f, where) for f in ("choice1", "choice2"))
-            values = {"premise": _text(_get(obj, "premise", where), "premise", where).rstrip(".!?"),
-                      "choice1": choices[0], "choice2": choices[1],
-                      "connective": "because" if question == "cause" else "so"}
-            out.append(Row(values, choices[label], str(label), self.name, where, choices))
-        return out
+    def row_of(self, obj, where, labeled=True, group=None) -> list[Row]:
+        has = labeled or "label" in obj
+        label, question = _get(obj, "label", where) if has else 0, _get(obj, "question", where)
+        if label not in (0, 1) or isinstance(label, bool):
+            raise DataError(f"{where}: label {label!r} must be 0 or 1")
+        if question not in ("cause", "effect"):
+            raise DataError(f"{where}: question {question!r} must be 'cause' or 'effect'")
+        choices = tuple(_answer(_get(obj, f, where), f, where) for f in ("choice1", "choice2"))
+        values = {"premise": _text(_get(obj, "premise", where), "premise", where).rstrip(".!?"),
+                  "choice1": choices[0], "choice2": choices[1],
+                  "connective": "because" if question == "cause" else "so"}
+        return [Row(values, choices[label], str(label), self.name, where, choices, labeled=has)]
 
 
 class WscTask(SuperGlueTask):
@@ -275,28 +288,24 @@ class MultircTask(SuperGlueTask):
     verbalizer = {"1": "yes", "0": "no"}
     metric, select_metric = "multirc", "f1a"
 
-    def rows(self, split: str) -> list[Row]:
-        if split not in self.splits:
-            raise DataError(f"task {self.name}: unknown split {split!r}; use one of {sorted(self.splits)}")
-        path = self.data_dir / self.splits[split]
+    def row_of(self, obj, where, labeled=True, group=None) -> list[Row]:
+        passage = _text(_get(obj, "passage.text", where), "passage.text", where)
+        questions = _get(obj, "passage.questions", where)
+        if not isinstance(questions, list) or not questions:
+            raise DataError(f"{where}: passage.questions must be a non-empty list")
         out = []
-        for n, obj in read_jsonl(path):
-            where = f"{path}:{n}"
-            passage = _text(_get(obj, "passage.text", where), "passage.text", where)
-            questions = _get(obj, "passage.questions", where)
-            if not isinstance(questions, list) or not questions:
-                raise DataError(f"{where}: passage.questions must be a non-empty list")
-            for qi, q in enumerate(questions):
-                qwhere = f"{where} (question {qi})"
-                question = _text(_get(q, "question", qwhere), "question", qwhere)
-                for a in _get(q, "answers", qwhere):
-                    label = _label_str(_get(a, "label", qwhere))
-                    if label not in self.verbalizer:
-                        raise DataError(f"{qwhere}: answer label {label!r} must be 0 or 1")
-                    values = {"passage": passage, "question": question,
-                              "answer": _text(_get(a, "text", qwhere), "answer text", qwhere),
-                              "_unit": f"{obj.get('idx', n)}/{qi}"}
-                    out.append(Row(values, self.verbalizer[label], label, self.name, qwhere))
+        for qi, q in enumerate(questions):
+            qwhere = f"{where} (question {qi})"
+            question = _text(_get(q, "question", qwhere), "question", qwhere)
+            for a in _get(q, "answers", qwhere):
+                has = labeled or "label" in a
+                label = _label_str(_get(a, "label", qwhere)) if has else "0"
+                if label not in self.verbalizer:
+                    raise DataError(f"{qwhere}: answer label {label!r} must be 0 or 1")
+                values = {"passage": passage, "question": question,
+                          "answer": _text(_get(a, "text", qwhere), "answer text", qwhere),
+                          "_unit": f"{obj.get('idx', where)}/{qi}"}
+                out.append(Row(values, self.verbalizer[label], label, self.name, qwhere, labeled=has))
         return out
 
 
@@ -312,35 +321,34 @@ class RecordTask(SuperGlueTask):
     choices = True
     metric, select_metric = "record", "f1"
 
-    def rows(self, split: str) -> list[Row]:
-        if split not in self.splits:
-            raise DataError(f"task {self.name}: unknown split {split!r}; use one of {sorted(self.splits)}")
-        path = self.data_dir / self.splits[split]
+    def row_of(self, obj, where, labeled=True, group=None) -> list[Row]:
+        text = _text(_get(obj, "passage.text", where), "passage.text", where)
+        entities = []
+        for ent in _get(obj, "passage.entities", where):
+            start, end = _get(ent, "start", where), _get(ent, "end", where)
+            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end < len(text)):
+                raise DataError(f"{where}: entity span {ent!r} is not inside the passage")
+            name = text[start:end + 1].strip()
+            if name and name not in entities:
+                entities.append(name)
+        if not entities:
+            raise DataError(f"{where}: the passage has no entities to choose from")
+        passage = text.replace("@highlight\n", "- ")
         out = []
-        for n, obj in read_jsonl(path):
-            where = f"{path}:{n}"
-            text = _text(_get(obj, "passage.text", where), "passage.text", where)
-            entities = []
-            for ent in _get(obj, "passage.entities", where):
-                start, end = _get(ent, "start", where), _get(ent, "end", where)
-                if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end < len(text)):
-                    raise DataError(f"{where}: entity span {ent!r} is not inside the passage")
-                name = text[start:end + 1].strip()
-                if name and name not in entities:
-                    entities.append(name)
-            passage = text.replace("@highlight\n", "- ")
-            for qi, qa in enumerate(_get(obj, "qas", where)):
-                qwhere = f"{where} (query {qi})"
-                query = _text(_get(qa, "query", qwhere), "query", qwhere)
-                if "@placeholder" not in query:
-                    raise DataError(f"{qwhere}: query has no @placeholder")
-                answers = [_text(_get(a, "text", qwhere), "answer text", qwhere) for a in _get(qa, "answers", qwhere)]
-                gold = next((e for e in entities if e in answers), None)
-                if gold is None:
-                    raise DataError(f"{qwhere}: no passage entity is an answer ({answers})")
-                cands = tuple(query.replace("@placeholder", e) for e in entities)
-                values = {"passage": passage, "_answers": answers, "_entities": entities}
-                out.append(Row(values, cands[entities.index(gold)], gold, self.name, qwhere, cands))
+        for qi, qa in enumerate(_get(obj, "qas", where)):
+            qwhere = f"{where} (query {qi})"
+            query = _text(_get(qa, "query", qwhere), "query", qwhere)
+            if "@placeholder" not in query:
+                raise DataError(f"{qwhere}: query has no @placeholder")
+            has = labeled or "answers" in qa
+            answers = [_text(_get(a, "text", qwhere), "answer text", qwhere) for a in _get(qa, "answers", qwhere)] \
+                if has else []
+            gold = next((e for e in entities if e in answers), None) if has else entities[0]
+            if gold is None:
+                raise DataError(f"{qwhere}: no passage entity is an answer ({answers})")
+            cands = tuple(query.replace("@placeholder", e) for e in entities)
+            values = {"passage": passage, "_answers": answers, "_entities": entities}
+            out.append(Row(values, cands[entities.index(gold)], gold, self.name, qwhere, cands, labeled=has))
         return out
 
 
@@ -394,13 +402,20 @@ class MultiTask(Task):
         return len(have) == len(self.tasks)  # ReCoRD has no val: no test split for a run holding it
 
     def rows(self, split: str) -> list[Row]:
-        out = []
-        for t in self.tasks.values():
-            for row in t.rows(split):
-                if row.candidates is None:  # a verbalizer task: its words are the row's candidates
-                    row = dataclasses.replace(row, candidates=tuple(t.verbalizer.values()))
-                out.append(row)
-        return out
+        return [self._with_candidates(r) for t in self.tasks.values() for r in t.rows(split)]
+
+    def row_of(self, obj, where, labeled=True, group=None) -> list[Row]:
+        """A row of a file mixing the tasks names its task in ``task``."""
+        name = group or obj.get("task")
+        if name not in self.tasks:
+            raise DataError(f"{where}: 'task' {name!r} is not one of {list(self.tasks)}")
+        return [self._with_candidates(r) for r in self.tasks[name].row_of(obj, where, labeled)]
+
+    def _with_candidates(self, row: Row) -> Row:
+        t = self.tasks[row.group]
+        if row.candidates is None:  # a verbalizer task: its words are the row's candidates
+            row = dataclasses.replace(row, candidates=tuple(t.verbalizer.values()))
+        return row
 
     def manual_template(self, group: str) -> str:
         return self.tasks[group].manual_template(group)

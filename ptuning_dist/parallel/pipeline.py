@@ -84,9 +84,10 @@ class PipelineSchedule:
         return step_loss
 
     @torch.no_grad()
-    def argmax(self, batch: Batch, table_MH: torch.Tensor | None) -> list[int]:
-        """Predictions of one batch, on every stage (the last stage computes, then broadcasts)."""
+    def outputs(self, batch: Batch, table_MH: torch.Tensor | None, summary) -> list:
+        """``summary(logits)`` of one batch (its predictions), on every stage: the last stage
+        computes, then broadcasts the host objects."""
         store = self._run([batch], table_MH, None, forward_only=True)
-        preds = [store[0].argmax(-1).tolist() if self.is_last else None]  # host sync: evaluation only
+        preds = [summary(store[0]) if self.is_last else None]  # host sync: evaluation only
         dist.broadcast_object_list(preds, src=self.last_rank, group=self.group)
         return preds[0]

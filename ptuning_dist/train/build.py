@@ -115,7 +115,11 @@ def prompt_groups(sharing: str, task: Task, templates: dict[str, Template]) -> P
 def examples(run: Run, split: str, manual: bool = False) -> list[Example]:
     """Encoded examples of a split: through the P-tuning template, or (``manual``) through each
     group's hand-written template with no prompt slots (the manual baseline)."""
-    rows = run.task.rows(split)
+    return encode(run, run.task.rows(split), manual)
+
+
+def encode(run: Run, rows: list, manual: bool = False) -> list[Example]:
+    """``examples`` of any rows (``Task.read``: a file to predict)."""
     if manual:
         templates = {g: Template(run.task.manual_template(g)) for g in {r.group for r in rows}}
         template_for = lambda row: templates[row.group]  # noqa: E731

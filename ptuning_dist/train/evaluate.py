@@ -23,14 +23,17 @@ from ptuning_dist.train.build import examples
 
 @torch.no_grad()
 def predict(model: PTuningModel, examples: list[Example], batch_size: int, pad_id: int, device,
-            table_MH: torch.Tensor | None = None, pipeline=None, pack_to: int | None = None) -> list[int]:
+            table_MH: torch.Tensor | None = None, pipeline=None, pack_to: int | None = None,
+            top_k: int = 0) -> list:
     """Argmax predictions. ``table_MH``: the prompt table to use (an exported one, or an empty
     one for the manual baseline); by default the model's prompt source, computed once here.
     ``pipeline``: a ``parallel.pipeline.PipelineSchedule`` when the model is one pipeline stage.
     ``pack_to``: pack the batches (``RunConfig.pack_to``; the predictions are the same).
 
     With several ranks each predicts an equal share (padded), so every rank runs the same number
-    of forwards (ZeRO-3 gathers are collectives), and the shares are gathered."""
+    of forwards (ZeRO-3 gathers are collectives), and the shares are gathered.
+    ``top_k`` > 0: each prediction is (argmax, [(index, log-probability over the candidates)] of
+    the k best), for ``ptuning-predict``."""
     was_training = model.training
     model.eval()
     if table_MH is None:
@@ -42,16 +45,28 @@ def predict(model: PTuningModel, examples: list[Example], batch_size: int, pad_i
     preds = []
     for i in range(0, share, batch_size):
         batch = collate(mine[i : i + batch_size], pad_id, pack_to=pack_to).to(device)
+        summary = _argmax if not top_k else (lambda logits: _top(logits, top_k))
         if pipeline is not None:
-            preds.extend(pipeline.argmax(batch, table_MH))
+            preds.extend(pipeline.outputs(batch, table_MH, summary))
         else:
-            preds.extend(model.logits(batch, table_MH).argmax(-1).tolist())  # host sync: evaluation only
+            preds.extend(summary(model.logits(batch, table_MH)))
     if world > 1:
         shares = [None] * world
         dist.all_gather_object(shares, preds, group=group)
         preds = [p for s in shares for p in s]
     model.train(was_training)
     return preds[: len(examples)]
+
+
+def _argmax(logits_EK: torch.Tensor) -> list[int]:
+    return logits_EK.argmax(-1).tolist()  # host sync: evaluation only
+
+
+def _top(logits_EK: torch.Tensor, k: int) -> list:
+    """(argmax, the k best (index, log-probability over the candidates)) per row; host sync: predict only."""
+    logp = torch.log_softmax(logits_EK.float(), dim=-1)
+    val, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return [(int(i[0]), list(zip(i.tolist(), v.tolist()))) for i, v in zip(idx, val)]
 
 
 def lama_metrics(preds: list[int], examples: list[Example]) -> dict:
@@ -176,10 +191,8 @@ def export_and_evaluate(model: PTuningModel, encoder, parts, eval_ex: list[Examp
         res["test"] = {"split": cfg.data.test_split, **both(cfg.data.test_split, test_ex)}
     if D.is_main:
         save_encoder(out / ENCODER_FILE, encoder)
-        save_table(out / "prompt_table", table_MH, template=parts.template.text, templates=parts.templates,
-                   backbone_path=str(parts.model_path), backbone_hash=parts.backbone_hash,
-                   tokenizer=str(parts.model_path), vocab_size=parts.tok.vocab_size, groups=parts.groups,
-                   extra={"task": cfg.data.task, "encoder": encoder.kind, "steps": step, "selected": selected})
+        write_table(out / "prompt_table", table_MH, parts,
+                    {"task": cfg.data.task, "encoder": encoder.kind, "steps": step, "selected": selected})
         (out / "eval.json").write_text(json.dumps(res, indent=2) + "\n")
     line = (f"eval {cfg.data.eval_split}: p-tuning {headline(res['ptuning'])} | "
             f"manual template {headline(res['manual_baseline'])}")
@@ -189,6 +202,20 @@ def export_and_evaluate(model: PTuningModel, encoder, parts, eval_ex: list[Examp
     say(f"{line}; table -> {out / 'prompt_table'}")
     D.barrier()
     return res
+
+
+def write_table(table_dir: Path, table_MH: torch.Tensor, parts, extra: dict) -> Path:
+    """The exported table with its sidecar, and a PEFT adapter per pure-prefix group
+    (``prompt/serving.py``; the sidecar's ``peft`` says where, or why none)."""
+    from ptuning_dist.backbone.megatron_import import hf_config
+    from ptuning_dist.prompt.serving import save_peft_adapters
+
+    peft = save_peft_adapters(table_dir, table_MH.cpu(), parts.groups, parts.templates, hf_config(parts.model_path),
+                              str(parts.model_path), parts.tok.bos_id is not None)
+    return save_table(table_dir, table_MH, template=parts.template.text, templates=parts.templates,
+                      backbone_path=str(parts.model_path), backbone_hash=parts.backbone_hash,
+                      tokenizer=str(parts.model_path), vocab_size=parts.tok.vocab_size, groups=parts.groups,
+                      extra={**extra, "peft": peft})
 
 
 def headline(res: dict) -> str:
