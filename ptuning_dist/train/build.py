@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from ptuning_dist.backbone.hf import DTYPES, HFBackbone, fingerprint
-from ptuning_dist.backbone.tiny import default_backbone
 from ptuning_dist.config import RunConfig
 from ptuning_dist.data.collate import Candidates, Example, build_candidates, encode_rows
 from ptuning_dist.data.tasks import Task, build_task
@@ -47,9 +46,34 @@ class Run:
 
 
 def resolve_model_path(cfg: RunConfig) -> Path:
+    """``model.path``, or the embedded default: the knowledge LM (``backbone/knowledge.py``, built
+    once into the user cache), copied into ``<output_dir>/default_backbone`` so a run directory is
+    self-contained (a few MB)."""
     if cfg.model.path is not None:
         return Path(cfg.model.path)
-    return default_backbone(Path(cfg.train.output_dir) / "default_backbone")
+    out = Path(cfg.train.output_dir) / "default_backbone"
+    if not (out / "config.json").is_file():
+        import shutil
+
+        from ptuning_dist.backbone.knowledge import knowledge_dir
+
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(knowledge_dir() / "model", tmp)
+        tmp.rename(out)  # atomic: a half-copied model is never taken for a good one
+    return out
+
+
+def default_data_dir(cfg: RunConfig, model_path: Path) -> Path | None:
+    """Task 'default' on a model that carries its own probe (the embedded knowledge LM: the facts it
+    was trained on, ``backbone/knowledge.py``) reads that probe; on any other model the bundled
+    two-relation set. Other tasks: data.data_dir."""
+    from ptuning_dist.backbone.knowledge import PROBE
+
+    probe = model_path / PROBE
+    if cfg.data.task == "default" and cfg.data.data_dir is None and (probe / "relations.jsonl").is_file():
+        return probe
+    return cfg.data.data_dir
 
 
 def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | None = None,
@@ -63,7 +87,7 @@ def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | No
     if not (model_path / "config.json").is_file():
         raise ConfigError(f"model.path: {model_path} is not a Hugging Face model directory (no config.json)")
     tok = PieceTokenizer.from_dir(model_path)
-    task = build_task(cfg.data.task, cfg.data.data_dir, cfg.data.relations)
+    task = build_task(cfg.data.task, default_data_dir(cfg, model_path), cfg.data.relations)
     templates = {g: Template(cfg.prompt.template or task.template_of(g), fields=task.fields_of(g))
                  for g in task.groups()}
     template = next(iter(templates.values()))  # one task: its template, whatever the group

@@ -33,7 +33,11 @@ def test_default_job_trains_evaluates_exports(default_run):
     recs = [json.loads(line) for line in (default_run / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["step"] == 300 and recs[-1]["loss"] < recs[0]["loss"] - 1.0
     ev = json.loads((default_run / "eval.json").read_text())
-    assert ev["split"] == "dev" and 0.0 <= ev["ptuning"]["p@1_macro"] <= 1.0
+    assert ev["split"] == "dev" and set(ev["ptuning"]["p@1_per_relation"]) == {"P17", "P30", "P36", "P38"}
+    # the embedded knowledge LM knows the facts; LAMA's manual templates do not reach them, a prompt
+    # per relation does (README: test P@1 0.89 against 0.05; the bound leaves room for other CPUs' floats)
+    test = ev["test"]
+    assert test["ptuning"]["p@1_macro"] > test["manual_baseline"]["p@1_macro"] + 0.5, test
     for f in ("prompt_table/prompt_table.safetensors", "prompt_table/prompt_table.json",
               "encoder.safetensors", "run_config.json", "default_backbone/config.json"):
         assert (default_run / f).is_file(), f
@@ -70,13 +74,13 @@ def test_superglue_tasks_run_from_the_launcher(default_run, tmp_path):
     (["--template", "{nope} [P*2]"], "unknown field(s) ['nope']"),
     (["--template", "[P*2] {sub_label} [MASK] [MASK]"], "2 [MASK] targets"),
     (["--model", "/nonexistent/model"], "model.path"),
-    (["--task", "squad"], "data.task: 'squad' is not default, lama, rte, cb, boolq or wic"),
+    (["--task", "squad"], "data.task: 'squad' is not default, lama, rte, cb, boolq, wic, copa, wsc, multirc or record"),
     (["--micro_batch_size", 3, "--global_batch_size", 8], "train.global_batch_size"),
     (["--relations", "P999"], "data.relations"),
     (["--tp", 2], "tensor and pipeline parallelism need model.backend = megatron"),
     (["--pp", 2], "tensor and pipeline parallelism need model.backend = megatron"),
     (["--backend", "megatron", "--tp", 3], "parallel.tp = 3 does not divide the 4 attention heads"),
-    (["--backend", "megatron", "--pp", 3], "parallel.pp = 3 does not divide the 2 transformer layers"),
+    (["--backend", "megatron", "--pp", 3], "parallel.pp = 3 does not divide the 4 transformer layers"),
     (["--backend", "megatron", "--pp", 2], "parallel.tp x parallel.pp = 1 x 2 = 2 does not divide the world size 1"),
 ])
 def test_bad_input_is_a_clear_error(default_run, tmp_path, args, needle):

@@ -12,6 +12,7 @@ import pytest
 from distutil import BIN, ROOT
 
 from ptuning_dist.cli import evaluate as cli_evaluate
+from ptuning_dist.cli import predict as cli_predict
 from ptuning_dist.cli import export as cli_export
 from ptuning_dist.cli import plan as cli_plan
 from ptuning_dist.cli import train as cli_train
@@ -42,14 +43,14 @@ def test_every_run_config_field_is_a_flag_whose_help_is_its_docstring():
     assert "--model" in helps and "config: model.path" in helps["--model"]  # a field named otherwise on the CLI
 
 
-@pytest.mark.parametrize("module", [cli_train, cli_evaluate, cli_export, cli_plan])
+@pytest.mark.parametrize("module", [cli_train, cli_evaluate, cli_export, cli_plan, cli_predict])
 def test_help_explains_every_flag(module, capsys):
     with pytest.raises(SystemExit) as e:
         module.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     options = re.findall(r"^  (--[a-z0-9_-]+)", out, flags=re.M)
-    assert len(options) >= {cli_train: 36, cli_evaluate: 14, cli_export: 2, cli_plan: 16}[module], out
+    assert len(options) >= {cli_train: 36, cli_evaluate: 14, cli_export: 2, cli_plan: 16, cli_predict: 20}[module], out
     for opt in options:
         block = re.search(rf"^  {re.escape(opt)}(?=[ \n])(.*?)(?=^  -|\Z)", out, flags=re.M | re.S).group(1)
         words = block.split()[1:]  # the metavar, then the explanation
@@ -101,7 +102,7 @@ def test_convert_flag_errors_are_one_line_and_exit_2(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["ptuning-train", "ptuning-evaluate", "ptuning-export", "ptuning-plan",
-                                  "ptuning-convert"])
+                                  "ptuning-convert", "ptuning-predict"])
 def test_console_scripts(name):
     p = subprocess.run([str(BIN / name), "--help"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.startswith(f"usage: {name}"), p.stderr[-2000:]
