@@ -76,8 +76,12 @@ def main():
         *head, *rows, "",
         "A shared prompt cannot tell which relation is asked about a country (the same `[P*3] France [P*3]`), "
         "so it scores about what picking one of three relations' objects would; one prompt per relation "
-        "recovers the facts. The sweep fixed the defaults: the learning rate and the 300-step budget stay "
-        "(see the rows), and best-on-dev selection with patience is what an epoch budget adds.",
+        "recovers the facts. The learning-rate / budget rows all land within 0.06 test P@1 of each other "
+        "(107 test facts, about 27 a relation: one fact moves the macro by about 0.009), and the best dev score (what a choice may read) is within 4 dev "
+        "facts of the default's: the defaults stay lr 5e-3 and 300 steps (the cheapest good setting, no "
+        "evaluation inside the loop); `--epochs` with `--eval_every_epoch true --patience 5` is the "
+        "paper's way and costs an evaluation per epoch. No English-knowing backbone can be built here (no "
+        "model hub), so the FewGLUE tasks have no such sweep: their defaults are unmeasured for accuracy.",
     ])
 
 

@@ -139,6 +139,9 @@ class DataConfig(Section):
     """LAMA: restrict predictions to 'objects' (all objects in the data), a word-list file (the
     paper's LAMA-29k/34k) or 'full' (the whole vocabulary); None: the task's default ('objects' for
     the bundled default task, 'full' for lama)."""
+    multi_token: bool = False
+    """LAMA: score every object of the relation token by token (objects of several tokens then
+    count), instead of one head over single-token ids (the paper's setting, the default)."""
     candidate_score: Literal["sum", "mean"] = "sum"
     """Answers of several tokens (COPA, a verbalizer word the tokenizer splits): a candidate's score
     is the sum (or the mean) of its tokens' log-probabilities given the context."""

@@ -12,7 +12,7 @@ from ptuning_dist.cli.common import run
 from ptuning_dist.errors import PTuningError
 
 RUN_FIELDS = ("model.path", "model.dtype", "model.splice", "data.task", "data.data_dir", "data.relations",
-              "data.allowed_vocab", "data.candidate_score", "data.max_seq_len", "train.eval_batch_size", "prompt.template",
+              "data.allowed_vocab", "data.multi_token", "data.candidate_score", "data.max_seq_len", "train.eval_batch_size", "prompt.template",
               "train.output_dir")
 
 DESCRIPTION = ("Evaluate an exported prompt table (no encoder) or the manual-template baseline on a split, "

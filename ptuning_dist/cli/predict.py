@@ -45,7 +45,7 @@ def answer_name(run_, e, idx: int) -> str:
     if cands.metric == "multitask":
         metric, names, _ = cands.per_task[e.group]
         return names[idx] if names is not None and metric != "record" else _choice(row, idx, metric)
-    if cands.metric in ("choice", "record"):
+    if cands.metric in ("choice", "record") or (cands.scored and cands.metric == "lama"):
         return _choice(row, idx, cands.metric)
     if cands.names is not None:
         return cands.names[idx]

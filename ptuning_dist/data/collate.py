@@ -31,11 +31,12 @@ class Candidates:
     # multirc (F1a, EM), record (EM, F1)
     words: list[list[int]] | None = None  # a verbalizer of words of several tokens: scored (data/scoring.py)
     per_task: dict | None = None  # several tasks: name -> (its metric, label names or None, select_metric)
+    scored: bool = False  # every row brings its own candidate answers (COPA, ReCoRD, several tasks, LAMA multi_token)
 
     @property
     def scoring(self) -> bool:
         """Whether rows are scored candidate by candidate (teacher forcing) rather than by one head."""
-        return self.words is not None or self.metric in ("choice", "record", "multitask")
+        return self.words is not None or self.scored
 
     def __post_init__(self):
         self.index = {v: k for k, v in enumerate(self.ids)} if self.ids is not None else None
@@ -59,9 +60,9 @@ def build_candidates(task: Task, tok, allowed_vocab: str | None, space_before: b
     if task.metric == "multitask":  # every row scores its own task's answers
         per_task = {n: (t.metric, list(t.verbalizer) if t.verbalizer else None, t.select_metric)
                     for n, t in task.tasks.items()}
-        return Candidates(None, metric="multitask", per_task=per_task)
-    if getattr(task, "choices", False):  # each row brings its own candidate answers (COPA, ReCoRD)
-        return Candidates(None, metric=task.metric)
+        return Candidates(None, metric="multitask", per_task=per_task, scored=True)
+    if getattr(task, "choices", False):  # each row brings its own candidate answers (COPA, ReCoRD, LAMA multi_token)
+        return Candidates(None, metric=task.metric, scored=True)
     if task.verbalizer is not None:
         names, words = list(task.verbalizer), [tok.encode(w, space_before) for w in task.verbalizer.values()]
         for label, w in zip(names, words):

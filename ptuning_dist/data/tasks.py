@@ -119,8 +119,10 @@ class LamaTask(Task):
     fields = ("sub_label",)
     default_template = "[P*3] {sub_label} [P*3]"
 
-    def __init__(self, data_dir=None, relations: list[str] | None = None):
+    def __init__(self, data_dir=None, relations: list[str] | None = None, multi_token: bool = False):
         super().__init__(data_dir)
+        self.choices = multi_token  # score each relation's objects token by token (data.multi_token)
+        self._objects: dict[str, tuple[str, ...]] = {}
         rel_file = self.data_dir / "relations.jsonl"
         self.templates = {}
         for n, obj in read_jsonl(rel_file):
@@ -148,10 +150,24 @@ class LamaTask(Task):
         if rel not in self.relations:
             raise DataError(f"{where}: relation {rel!r} (predicate_id) is not one of {self.relations}")
         sub = _get(obj, "sub_label", where)
+        cands = self.objects(rel) if self.choices else None
         if labeled or "obj_label" in obj:
             obj_label = _get(obj, "obj_label", where)
-            return [Row({"sub_label": sub}, obj_label, obj_label, rel, where)]
-        return [Row({"sub_label": sub}, "", "", rel, where, labeled=False)]
+            if not isinstance(obj_label, str) or not obj_label.strip():
+                raise DataError(f"{where}: obj_label must be a non-empty string, got {obj_label!r}")
+            if cands is not None and obj_label not in cands:
+                raise DataError(f"{where}: obj_label {obj_label!r} is no object of relation {rel}'s files")
+            return [Row({"sub_label": sub}, obj_label, obj_label, rel, where, cands)]
+        return [Row({"sub_label": sub}, cands[0] if cands else "", "", rel, where, cands, labeled=False)]
+
+    def objects(self, rel: str) -> tuple[str, ...]:
+        """data.multi_token: the candidates of a relation's rows, every object its split files name."""
+        if rel not in self._objects:
+            found = set()
+            for path in sorted((self.data_dir / rel).glob("*.jsonl")):
+                found |= {o["obj_label"] for _, o in read_jsonl(path) if isinstance(o.get("obj_label"), str)}
+            self._objects[rel] = tuple(sorted(found))
+        return self._objects[rel]
 
     def groups(self) -> list[str]:
         return list(self.relations)
@@ -421,12 +437,12 @@ class MultiTask(Task):
         return self.tasks[group].manual_template(group)
 
 
-def build_task(name: str, data_dir=None, relations=None) -> Task:
+def build_task(name: str, data_dir=None, relations=None, multi_token: bool = False) -> Task:
     if "," in name:
         return MultiTask([build_task(n.strip()) for n in name.split(",")])
     if name not in TASKS:
         raise DataError(f"data.task: unknown task {name!r}; known: {sorted(TASKS)}")
     cls = TASKS[name]
     if issubclass(cls, LamaTask):
-        return cls(data_dir, relations)
+        return cls(data_dir, relations, multi_token)
     return cls(data_dir)

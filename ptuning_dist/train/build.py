@@ -87,7 +87,7 @@ def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | No
     if not (model_path / "config.json").is_file():
         raise ConfigError(f"model.path: {model_path} is not a Hugging Face model directory (no config.json)")
     tok = PieceTokenizer.from_dir(model_path)
-    task = build_task(cfg.data.task, default_data_dir(cfg, model_path), cfg.data.relations)
+    task = build_task(cfg.data.task, default_data_dir(cfg, model_path), cfg.data.relations, cfg.data.multi_token)
     templates = {g: Template(cfg.prompt.template or task.template_of(g), fields=task.fields_of(g))
                  for g in task.groups()}
     template = next(iter(templates.values()))  # one task: its template, whatever the group

@@ -136,3 +136,17 @@ def test_several_tasks_config_errors(over, field):
 
     with pytest.raises(ConfigError, match=field):
         from_dict({}, over)
+
+
+def test_lama_objects_of_several_tokens(family_dirs, tmp_path):
+    """data.multi_token: each relation's objects scored token by token (BPE splits some of them)."""
+    cfg = from_dict({}, {"model.path": str(family_dirs["gpt2"]), "data.multi_token": True, "train.max_steps": 2,
+                         "train.micro_batch_size": 4, "train.output_dir": str(tmp_path)})
+    run = build_run(cfg, torch.device("cpu"))
+    ex = examples(run, "train")
+    p36 = [e for e in ex if e.group == "P36"]
+    assert len({e.row.candidates for e in p36}) == 1 and len(p36[0].cand_ids) == len(p36[0].row.candidates) == 40  # 24 + 8 + 8 facts
+    assert any(len(c) > 1 for c in p36[0].cand_ids)  # objects of several tokens are scored, not refused
+    assert all(e.row.candidates[e.label] == e.row.target for e in ex)
+    res = train(cfg, log=lambda *a: None)
+    assert set(res["ptuning"]["p@1_per_relation"]) == {"P36", "P37"} and res["test"]["ptuning"]["n"] == 16
