@@ -82,7 +82,8 @@ def worker(args) -> None:
             rec["partitions"] = partition_sizes(model.frozen)
             rec["frozen_bytes_held"] = sum(local for _, _, local in rec["partitions"]) * size
             rec["dtype_bytes"] = size
-            rec["n_prompt"] = None if encoder is None else encoder.n_prompt
+            rec["n_prompt"] = None if encoder is None else encoder.groups.n_prompt[0]  # per group
+            rec["prompt_groups"] = None if encoder is None else len(encoder.groups.names)
             rec["setup_peak"], rec["setup_rss"] = proc_status("VmHWM"), proc_status("VmRSS")
             rec["rss_parts"]["setup"] = [proc_status("RssAnon"), proc_status("RssFile")]
 
@@ -138,7 +139,8 @@ def predict(model: Path, world: int, flags: list[str], recs: list[dict]) -> tupl
     shape = ModelShape.from_hf_config(model)
     seq_len = max(r["seq_len"] for r in recs)  # stages after the first see no token ids
     pred = layout_memory(shape, tp, pp, dp, dtype_bytes=recs[0]["dtype_bytes"], partitioning=partitioning,
-                         n_prompt=recs[0]["n_prompt"], micro_batch=MICRO, seq_len=seq_len, micro_batches=ACCUM)
+                         n_prompt=recs[0]["n_prompt"], micro_batch=MICRO, seq_len=seq_len, micro_batches=ACCUM,
+                         prompt_groups=recs[0]["prompt_groups"])
     exact = []
     for rank, (rec, p) in enumerate(zip(recs, pred)):
         assert tuple(rec["coords"]) == rank_coords(rank, tp, pp, dp) == (p.pp_stage, p.tp_rank, p.dp_rank)

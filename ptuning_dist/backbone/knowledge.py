@@ -12,7 +12,8 @@ has one reads it (``train/build.py:default_data_dir``), wherever the model was c
 
 Entity names are single words of a word-level vocabulary (spaces become '_': ``Abu_Dhabi``), so
 every object is one token (LAMA's single-token setting). Built into a cache directory
-(``~/.cache/ptuning_dist/knowledge/<version>``, or ``$PTUNING_CACHE``), atomically, and reused.
+(``~/.cache/ptuning_dist/knowledge/<version>``, under ``$XDG_CACHE_HOME`` when set), atomically,
+and reused.
 """
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ RELATIONS = {
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("PTUNING_CACHE", Path.home() / ".cache" / "ptuning_dist")) / "knowledge" / VERSION
+    """``$XDG_CACHE_HOME/ptuning_dist`` (``~/.cache/ptuning_dist`` by default)/knowledge/<version>."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "ptuning_dist" / "knowledge" / VERSION
 
 
 def _word(name: str) -> str:

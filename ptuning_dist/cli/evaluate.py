@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     def go():
         from ptuning_dist.model import PTuningModel
         from ptuning_dist.prompt.encoder import PromptTable
-        from ptuning_dist.prompt.export import load_table
+        from ptuning_dist.prompt.export import check_templates, load_table, one_template
         from ptuning_dist.train.build import build_run, examples
         from ptuning_dist.train.evaluate import evaluate
 
@@ -52,21 +52,17 @@ def main(argv=None) -> int:
             _, meta = load_table(args.prompt_table)
             if cfg.prompt.template not in (None, meta["template"]):
                 raise PTuningError(f"--template {cfg.prompt.template!r} differs from the table's {meta['template']!r}")
-            if len(meta.get("templates", {})) <= 1:  # several tasks: each task's own (checked below)
+            if one_template(meta) is not None:  # several tasks: each task's own (checked below)
                 cfg.prompt.template = meta["template"]
         run_ = build_run(cfg)
-        if args.prompt_table:  # the rows each group's slots index: the table's own mapping
+        prompt = None
+        if args.prompt_table:  # this backbone's table, its templates; the rows of each group: its mapping
+            table_MH, _ = load_table(args.prompt_table, backbone_hash=run_.backbone_hash)
+            check_templates(meta, run_.templates, args.prompt_table)
             run_.groups = meta["groups"]
-            ours = {g: t.text for g, t in run_.templates.items()}
-            if len(meta.get("templates", {})) > 1 and meta["templates"] != ours:
-                raise PTuningError(f"--prompt_table {args.prompt_table}: trained with the templates "
-                                   f"{meta['templates']}, these tasks have {ours}")
+            prompt = PromptTable(table_MH).to(run_.device)
         cands = run_.cands.tensor()
         cands = None if cands is None else cands.to(run_.device)
-        prompt = None
-        if args.prompt_table:
-            table_MH, _ = load_table(args.prompt_table, backbone_hash=run_.backbone_hash)
-            prompt = PromptTable(table_MH).to(run_.device)
         model = PTuningModel(run_.backbone, prompt, cands, cfg.model.splice)
         model.frozen.mean_score = cfg.data.candidate_score == "mean"
         ex = examples(run_, args.split, manual=args.manual)

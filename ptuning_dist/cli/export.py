@@ -33,6 +33,8 @@ def main(argv=None) -> int:
         args = cli_args.build(ExportArgs, p.parse_args(argv), own)
         run_dir = Path(args.run_dir)
         cfg = from_dict(load_file(run_dir / "run_config.json"))
+        if cfg.model.path is None:  # the embedded default: the copy in the run directory, wherever it moved
+            cfg.model.path = str(run_dir / "default_backbone")
         # one process, no weights read: the table needs the backbone's hidden size (config.json), its
         # fingerprint and tokenizer, however the run was parallelised and whatever the format
         run_ = build_run(cfg, device=None, load_backbone=False)

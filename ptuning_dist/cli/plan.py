@@ -48,7 +48,10 @@ class PlanArgs:
     seq_len: int | None = None
     """Tokens per sample, prompt included (None: the model's positions)."""
     n_prompt: int = 6
-    """Prompt tokens (rows of the prompt table)."""
+    """Prompt tokens of one group's template (its rows of the prompt table)."""
+    prompt_groups: int = 1
+    """Prompt groups the run trains, each its own encoder (prompt.sharing = per_group: one per LAMA
+    relation or task)."""
     encoder: EncoderKind = "lstm"
     """The prompt encoder (replicated with its AdamW on every first-stage rank)."""
     gpu_mem_gb: float = 80.0
@@ -138,7 +141,8 @@ def report(p: Plan) -> list[str]:
            f"tp {p.tp} x pp {p.pp} x dp {p.dp}; "
            + part.get(p.zero_stage, f"ZeRO-{p.zero_stage}: frozen weights replicated over dp {p.dp}") + f"; {dtype}",
            f"batch: global {p.global_batch} = micro {p.micro_batch} x {p.micro_batches} micro-batches per step x "
-           f"dp {p.dp}; seq_len {p.seq_len}; {p.n_prompt} prompt tokens, {p.encoder} encoder; activation "
+           f"dp {p.dp}; seq_len {p.seq_len}; {p.n_prompt} prompt tokens x {p.prompt_groups} group(s), {p.encoder} "
+           f"encoder; activation "
            f"checkpointing {ck}", "",
            f"memory per rank (GiB; every rank of a line holds the same; 'total' = the step's peak with "
            f"checkpointing {ck}):"]
@@ -183,6 +187,7 @@ def main(argv=None) -> int:
         if args.gpu_mem_gb <= 0 or args.reserve_gb < 0 or args.reserve_gb >= args.gpu_mem_gb:
             raise ConfigError("--gpu_mem_gb must be > 0 and --reserve_gb in [0, --gpu_mem_gb)")
         p = plan(shape, args.nodes, args.gpus_per_node, args.tp, args.pp, seq_len=args.seq_len, n_prompt=args.n_prompt,
+                 prompt_groups=args.prompt_groups,
                  encoder=args.encoder, gpu_mem_bytes=int(args.gpu_mem_gb * GiB),
                  reserve_bytes=int(args.reserve_gb * GiB), checkpointing=args.activation_checkpointing,
                  name=name, **kw)

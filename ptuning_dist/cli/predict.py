@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         from ptuning_dist.model import PTuningModel
         from ptuning_dist.parallel.parallelize import ParallelPlan, parallelize
         from ptuning_dist.prompt.encoder import PromptTable
-        from ptuning_dist.prompt.export import load_table
+        from ptuning_dist.prompt.export import check_templates, load_table, one_template
         from ptuning_dist.train.build import build_run, encode, resolve_model_path
         from ptuning_dist.train.evaluate import metrics, predict
 
@@ -81,13 +81,14 @@ def main(argv=None) -> int:
         table_MH, meta = load_table(args.prompt_table)
         if cfg.prompt.template not in (None, meta["template"]):
             raise PTuningError(f"--template {cfg.prompt.template!r} differs from the table's {meta['template']!r}")
-        if len(meta.get("templates", {})) <= 1:
+        if one_template(meta) is not None:  # several tasks: each task's own (checked below)
             cfg.prompt.template = meta["template"]
         plan = ParallelPlan.from_config(cfg)
         D = plan.start()
         with plan.loading():
             run_ = build_run(cfg, D.device, fill=plan.fill(resolve_model_path(cfg)))
         load_table(args.prompt_table, backbone_hash=run_.backbone_hash)  # the table fits this backbone
+        check_templates(meta, run_.templates, args.prompt_table)
         run_.groups = meta["groups"]
         prompt = PromptTable(table_MH).to(D.device) if run_.backbone.is_first_stage else None
         cands = run_.cands.tensor()

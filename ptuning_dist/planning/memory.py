@@ -195,12 +195,12 @@ def activation_bytes(m: ModelShape, tp: int, pp: int, pp_stage: int, micro_batch
 def layout_memory(m: ModelShape, tp: int = 1, pp: int = 1, dp: int = 1, *, dtype_bytes: int = 4,
                   partitioning: str = "none", n_prompt: int = 6, encoder: str = "lstm", micro_batch: int = 8,
                   seq_len: int = 128, checkpointing: bool = False, micro_batches: int | None = None,
-                  backend: str = "megatron") -> list[RankMemory]:
+                  backend: str = "megatron", prompt_groups: int = 1) -> list[RankMemory]:
     """Predicted memory of every rank, in global rank order (``stage_memory`` of each rank's stage
     and DP rank; TP ranks hold the same sizes, and so do DP ranks unless partitioning is 'fsdp2')."""
     kw = dict(dtype_bytes=dtype_bytes, partitioning=partitioning, n_prompt=n_prompt, encoder=encoder,
               micro_batch=micro_batch, seq_len=seq_len, checkpointing=checkpointing, micro_batches=micro_batches,
-              backend=backend)
+              backend=backend, prompt_groups=prompt_groups)
     cache: dict[tuple[int, int], RankMemory] = {}
     out = []
     for rank in range(tp * pp * dp):
@@ -215,12 +215,13 @@ def layout_memory(m: ModelShape, tp: int = 1, pp: int = 1, dp: int = 1, *, dtype
 def stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_stage: int, dp_rank: int = 0, *,
                  dtype_bytes: int = 4, partitioning: str = "none", n_prompt: int = 6, encoder: str = "lstm",
                  micro_batch: int = 8, seq_len: int = 128, checkpointing: bool = False,
-                 micro_batches: int | None = None, backend: str = "megatron") -> RankMemory:
+                 micro_batches: int | None = None, backend: str = "megatron", prompt_groups: int = 1) -> RankMemory:
     """Predicted memory of the ranks of stage ``pp_stage`` at DP rank ``dp_rank`` (any TP rank): what
     a planner calls once per stage instead of once per rank.
 
-    Encoder (stage 0 only, replicated over TP and DP; fp32): n = ``encoder_params`` parameters,
-    12n bytes always alive (parameters and AdamW's two moments) + 8n at the update (gradients and the
+    Encoder (stage 0 only, replicated over TP and DP; fp32): n = ``encoder_params`` parameters per
+    prompt group (``prompt_groups`` G of ``n_prompt`` slots each: one encoder per LAMA relation or
+    task, prompt/batched.py), times G, 12n bytes always alive (parameters and AdamW's two moments) + 8n at the update (gradients and the
     multi-tensor AdamW's sqrt temporary). Gathers ('zero3'/'fsdp2', dp > 1): what the stage holds
     outside its layers (embeddings, final norm, head) gathered for the whole step, plus three layers'
     worth (the layer computing, the one prefetched, the flat all-gather buffer; two on a one-layer
@@ -234,7 +235,7 @@ def stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_stage: int, dp_ran
     """
     params = stage_params(m, tp, pp, dp, pp_stage, dp_rank, partitioning)
     r = RankMemory(pp_stage, 0, dp_rank, params, sum(p.held for p in params) * dtype_bytes)
-    r.encoder_bytes = 20 * encoder_params(encoder, n_prompt, m.hidden) if pp_stage == 0 else 0
+    r.encoder_bytes = 20 * prompt_groups * encoder_params(encoder, n_prompt, m.hidden) if pp_stage == 0 else 0
     r.activation_bytes = activation_bytes(m, tp, pp, pp_stage, micro_batch, seq_len, dtype_bytes, checkpointing,
                                           micro_batches)
     if partitioning != "none" and dp > 1:

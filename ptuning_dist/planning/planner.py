@@ -123,6 +123,7 @@ class Plan:
     gpu_mem_bytes: int
     reserve_bytes: int  # runtime not modelled (CUDA context, NCCL buffers, allocator slack)
     stages: list[StageRow]
+    prompt_groups: int = 1  # encoders (LAMA relations / tasks), each of n_prompt slots
 
     @property
     def world(self) -> int:
@@ -180,12 +181,12 @@ def plan_layout(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int, pp: 
 def plan(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int = 1, pp: int = 1, *, zero_stage: int = 3,
          dtype_bytes: int = 2, micro_batch: int = 1, global_batch: int | None = None, seq_len: int | None = None,
          n_prompt: int = 6, encoder: str = "lstm", gpu_mem_bytes: int = 80 * GiB, checkpointing: bool = False,
-         reserve_bytes: int = 0, offload: bool = False, name: str = "the model") -> Plan:
+         reserve_bytes: int = 0, offload: bool = False, name: str = "the model", prompt_groups: int = 1) -> Plan:
     """The plan of one layout (see the module docstring); ConfigError if it does not divide or an
     input is out of range. ``global_batch`` None: micro x dp; ``seq_len`` None: the model's positions."""
     dp, global_batch, n_micro = plan_layout(shape, nodes, gpus_per_node, tp, pp, micro_batch, global_batch, name)
     seq_len = shape.max_positions if seq_len is None else seq_len
-    _positive(seq_len=seq_len, n_prompt=n_prompt)
+    _positive(seq_len=seq_len, n_prompt=n_prompt, prompt_groups=prompt_groups)
     if shape.family == "gpt2" and seq_len > shape.max_positions:
         raise ConfigError(f"--seq_len {seq_len} exceeds the {shape.max_positions} learned positions of {name}")
     if n_prompt >= seq_len:
@@ -201,7 +202,7 @@ def plan(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int = 1, pp: int
     # ZeRO 1/2 partition gradients and optimizer states: the frozen backbone has none, so only 3 partitions it
     partitioning = "zero3" if zero_stage == 3 else "none"
     kw = dict(dtype_bytes=dtype_bytes, partitioning=partitioning, n_prompt=n_prompt, encoder=encoder,
-              micro_batch=micro_batch, seq_len=seq_len, micro_batches=n_micro)
+              micro_batch=micro_batch, seq_len=seq_len, micro_batches=n_micro, prompt_groups=prompt_groups)
     sbh, d, per_stage = seq_len * micro_batch * shape.hidden, dtype_bytes, shape.layers // pp
     rows: list[StageRow] = []
     for s in range(pp):
@@ -214,7 +215,7 @@ def plan(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int = 1, pp: int
             tp_allreduce=2 * (tp - 1) * d * n_micro * (per_stage * (6 if checkpointing else 4) * sbh + (s == 0) * sbh
                                                   + (s == pp - 1) * micro_batch * shape.hidden) // tp,
             pp_send=n_micro * sbh * d * ((s > 0) + (s < pp - 1)),
-            dp_allreduce=2 * (dp - 1) * n_prompt * shape.hidden * 4 // dp if s == 0 else 0)
+            dp_allreduce=2 * (dp - 1) * prompt_groups * n_prompt * shape.hidden * 4 // dp if s == 0 else 0)
         row = StageRow(s, s, tp * dp, r.frozen_bytes, r.encoder_bytes, r.activation_bytes,
                        activation_bytes(shape, tp, pp, s, micro_batch, seq_len, d, True, n_micro), r.gather_bytes,
                        r.load_bytes, comm, checkpointing, offload)
@@ -225,7 +226,8 @@ def plan(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int = 1, pp: int
         else:
             rows.append(row)
     return Plan(name, shape, nodes, gpus_per_node, tp, pp, dp, zero_stage, dtype_bytes, offload, micro_batch,
-                global_batch, n_micro, seq_len, n_prompt, encoder, checkpointing, gpu_mem_bytes, reserve_bytes, rows)
+                global_batch, n_micro, seq_len, n_prompt, encoder, checkpointing, gpu_mem_bytes, reserve_bytes, rows,
+                prompt_groups)
 
 
 def _same(a: StageRow, b: StageRow) -> bool:

@@ -83,6 +83,23 @@ def load_table(path, backbone_hash: str | None = None) -> tuple[torch.Tensor, di
     return table_MH, meta
 
 
+def one_template(meta: dict) -> str | None:
+    """The table's template when every group shares it (a run's config then names it), else None
+    (several tasks, each its own: they come from the tasks)."""
+    distinct = set(meta.get("templates", {}).values()) or {meta["template"]}
+    return meta["template"] if len(distinct) == 1 else None
+
+
+def check_templates(meta: dict, templates: dict, where) -> None:
+    """A several-task table against the tasks' templates now (a changed task template would shift
+    its prompt rows' meaning)."""
+    if one_template(meta) is None:
+        ours = {g: t.text for g, t in templates.items()}
+        if meta["templates"] != ours:
+            raise CheckpointError(f"prompt table {where}: trained with the templates {meta['templates']}, "
+                                  f"these tasks have {ours}")
+
+
 def save_encoder(path, encoder: torch.nn.Module) -> None:
     """The trained encoder's weights (what ``launchers/export.py`` re-exports a table from)."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}

@@ -56,3 +56,22 @@ def test_launcher_model_parallel_checkpoint_and_exact_resume(backbone, tmp_path,
     assert losses(cut) == losses(full)
     state = torch.load(full / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
     assert len(state["rng"]) == 2 and state["samples"] == 6 * 8
+
+
+@pytest.mark.parametrize("layout", [["--backend", "megatron", "--tp", 2], ["--ds_config", ROOT / "ds_configs" / "zero3.json"]],
+                         ids=["tp2", "zero3"])  # PP's predictions: pipeline.outputs, as every PP evaluation
+def test_predict_on_two_ranks_equals_one_process(backbone, tmp_path, layout):
+    """ptuning-predict through an exported table at TP=2 and ZeRO-3 DP=2: the predictions of
+    one process, rank 0 writing the file."""
+    run([sys.executable, TRAIN, "--model", backbone, "--output_dir", tmp_path / "run", "--max_steps", 4])
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(open(ROOT / "ptuning_dist" / "data" / "bundled" / "lama_tiny" / r / "dev.jsonl").read()
+                            for r in ("P36", "P37")))
+    predict = ROOT / "launchers" / "predict.py"
+    common = ["--model", backbone, "--prompt_table", tmp_path / "run" / "prompt_table", "--input", rows]
+    run([sys.executable, predict, *common, "--out", tmp_path / "one.jsonl"])
+    torchrun(2, predict, *common, *layout, "--out", tmp_path / "two.jsonl")
+    one, two = ([json.loads(x) for x in (tmp_path / f).read_text().splitlines()] for f in ("one.jsonl", "two.jsonl"))
+    assert [x["prediction"] for x in one] == [x["prediction"] for x in two] and len(one) == 16
+    for a, b in zip(one, two):
+        assert abs(a["logprob"] - b["logprob"]) < 1e-4, (a, b)

@@ -34,7 +34,8 @@ def test_planner_matches_measured_runs(tmp_path):
                 ModelShape.from_hf_config(which), 1, world, tp, pp, zero_stage=3 if partitioning == "zero3" else 0,
                 dtype_bytes=recs[0]["dtype_bytes"], micro_batch=bench.MICRO,
                 global_batch=bench.MICRO * bench.ACCUM * dp,
-                seq_len=max(r["seq_len"] for r in recs), n_prompt=recs[0]["n_prompt"], encoder="lstm")
+                seq_len=max(r["seq_len"] for r in recs), n_prompt=recs[0]["n_prompt"], encoder="lstm",
+                prompt_groups=recs[0]["prompt_groups"])
         (recs, p), (t_recs, t_p) = plans[model], plans[tiny]
         row = lambda pl, stage: next(r for r in pl.stages if r.first <= stage <= r.last)  # noqa: E731
         for rank, (rec, t_rec) in enumerate(zip(recs, t_recs)):

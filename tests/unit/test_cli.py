@@ -67,7 +67,7 @@ def test_values_are_parsed_by_the_config_and_errors_name_the_field():
         cli_train.parse(["--lr", "fast"])
     with pytest.raises(ConfigError, match="model.backend: 'tpu' is not hf or megatron"):
         cli_train.parse(["--backend", "tpu"])
-    with pytest.raises(ConfigError, match="data.task: 'squad' is not default, lama, rte, cb, boolq or wic"):
+    with pytest.raises(ConfigError, match="data.task: 'squad' is not default, lama, rte, cb, boolq, wic, copa, wsc, multirc or record"):
         cli_train.parse(["--task", "squad"])
 
 

@@ -118,6 +118,9 @@ def test_encoder_activation_and_gather_terms():
     n_enc = num_params("lstm", 6, shape.hidden)
     assert {r.encoder_bytes for r in ranks if r.pp_stage == 0} == {20 * n_enc}
     assert {r.encoder_bytes for r in ranks if r.pp_stage == 1} == {0}
+    # one encoder per prompt group (prompt/batched.py): 41 LAMA relations hold 41 encoders
+    many = layout_memory(shape, 2, 2, 2, partitioning="fsdp2", prompt_groups=41, **kw)
+    assert {r.encoder_bytes for r in many if r.pp_stage == 0} == {41 * 20 * n_enc}
     assert all(r.frozen_bytes == 4 * sum(p.held for p in r.frozen) for r in ranks)
     assert all(r.gather_bytes > 0 for r in ranks)
     assert all(r.gather_bytes == 0 for r in layout_memory(shape, 2, 2, 2, **kw))

@@ -46,6 +46,9 @@ def test_comm_counted_by_hand():
     assert (s0.tp_allreduce, s1.tp_allreduce) == (2 * (2 * 4 * sbh + sbh) * 2, 2 * (2 * 4 * sbh + 8) * 2)
     assert (s0.pp_send, s1.pp_send) == (2 * sbh * 2, 2 * sbh * 2)  # M x one direction each at the ends
     assert (s0.dp_allreduce, s1.dp_allreduce) == (3 * 8 * 4, 0)  # ring over dp 2: 1 x m x h fp32, stage 0 only
+    g4 = plan(TOY, 2, 4, 2, 2, zero_stage=3, dtype_bytes=2, micro_batch=1, global_batch=4, seq_len=4, n_prompt=3,
+              prompt_groups=4)  # four groups' rows of the stacked table, four encoders
+    assert g4.stages[0].comm.dp_allreduce == 4 * 3 * 8 * 4 and g4.stages[0].encoder == 4 * p.stages[0].encoder
     ck = plan(TOY, 2, 4, 2, 2, zero_stage=3, dtype_bytes=2, micro_batch=1, global_batch=4, seq_len=4, n_prompt=3,
               checkpointing=True)
     assert ck.stages[0].comm.tp_allreduce == 2 * (2 * 6 * sbh + sbh) * 2  # recompute: 2 more per layer
