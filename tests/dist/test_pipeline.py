@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from distutil import (COMMON, LLAMA_RTE, WORKER, assert_matches_reference, assert_partitions_predicted,
+from distutil import (COMMON, LLAMA_RTE, ROOT, WORKER, assert_matches_reference, assert_partitions_predicted,
                       losses, record, torchrun)
 
 
@@ -65,13 +65,15 @@ def copa_reference(family_dirs, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("layout", [["--pp", 2], ["--tp", 2]], ids=["pp2", "tp2"])
+@pytest.mark.parametrize("layout", [["--backend", "megatron", "--pp", 2], ["--backend", "megatron", "--tp", 2],
+                                    ["--ds_config", ROOT / "ds_configs" / "zero3.json"]], ids=["pp2", "tp2", "zero3"])
 def test_copa_candidate_scoring_matches_single_process(family_dirs, copa_reference, tmp_path, layout):
     """COPA's two answers of several tokens, every token's log-probability summed, the candidates of
     the micro-batch in one forward: the megatron backend at PP=2 (scores on the last stage) and TP=2
-    (the vocabulary-parallel head gathered) against the HF backend in one process."""
+    (the vocabulary-parallel head gathered), and the hf backend under ZeRO-3 at DP=2, against the HF
+    backend in one process."""
     torchrun(2, WORKER, "--record", tmp_path / "rec", "--output_dir", tmp_path, "--model", family_dirs["llama"],
-             "--backend", "megatron", *layout, *COPA, *COMMON)
+             *layout, *COPA, *COMMON)
     # the loss is a cross-entropy over sums of ~10-20 token log-probs (|loss| ~ 10): float order
     # across TP ranks and stages moves it by up to ~2e-5 (seen 1.5e-5), relative 2e-6
     assert_matches_reference(copa_reference, tmp_path, steps=(3,), tol=1e-4)
