@@ -52,7 +52,7 @@ def test_megatron_recompute_bit_identical(backbone, tmp_path, layout, blocks):
         assert on["block_forwards"] == 2 * off["block_forwards"] > 0, (on["block_forwards"], off["block_forwards"])
 
 
-COPA = ["--task", "copa", "--max_seq_len", 96]  # choices of several sentencepiece tokens: scored, not one head
+COPA = ["--task", "copa", "--max_seq_len", 96, "--test_split", "dev"]  # choices of several sentencepiece tokens
 
 
 @pytest.fixture(scope="module")
