@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     def go():
         from ptuning_dist.model import PTuningModel
         from ptuning_dist.prompt.encoder import PromptTable
-        from ptuning_dist.prompt.export import check_templates, load_table, one_template
+        from ptuning_dist.prompt.export import adopt_template, check_templates, load_table
         from ptuning_dist.train.build import build_run, examples
         from ptuning_dist.train.evaluate import evaluate
 
@@ -50,10 +50,7 @@ def main(argv=None) -> int:
         if args.prompt_table:
             # The table only fits the template it was trained with: take it from the sidecar.
             _, meta = load_table(args.prompt_table)
-            if cfg.prompt.template not in (None, meta["template"]):
-                raise PTuningError(f"--template {cfg.prompt.template!r} differs from the table's {meta['template']!r}")
-            if one_template(meta) is not None:  # several tasks: each task's own (checked below)
-                cfg.prompt.template = meta["template"]
+            adopt_template(cfg, meta)
         run_ = build_run(cfg)
         prompt = None
         if args.prompt_table:  # this backbone's table, its templates; the rows of each group: its mapping

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         from ptuning_dist.model import PTuningModel
         from ptuning_dist.parallel.parallelize import ParallelPlan, parallelize
         from ptuning_dist.prompt.encoder import PromptTable
-        from ptuning_dist.prompt.export import check_templates, load_table, one_template
+        from ptuning_dist.prompt.export import adopt_template, check_templates, load_table
         from ptuning_dist.train.build import build_run, encode, resolve_model_path
         from ptuning_dist.train.evaluate import metrics, predict
 
@@ -79,10 +79,7 @@ def main(argv=None) -> int:
         if not out.parent.is_dir():
             raise PTuningError(f"--out {out}: its directory does not exist")
         table_MH, meta = load_table(args.prompt_table)
-        if cfg.prompt.template not in (None, meta["template"]):
-            raise PTuningError(f"--template {cfg.prompt.template!r} differs from the table's {meta['template']!r}")
-        if one_template(meta) is not None:  # several tasks: each task's own (checked below)
-            cfg.prompt.template = meta["template"]
+        adopt_template(cfg, meta)
         plan = ParallelPlan.from_config(cfg)
         D = plan.start()
         with plan.loading():

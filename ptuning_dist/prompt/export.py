@@ -90,6 +90,15 @@ def one_template(meta: dict) -> str | None:
     return meta["template"] if len(distinct) == 1 else None
 
 
+def adopt_template(cfg, meta: dict) -> None:
+    """A run config reading a table takes the table's template (``--template`` may only repeat it);
+    a several-task table leaves the tasks' own (``check_templates`` compares them once built)."""
+    if cfg.prompt.template not in (None, meta["template"]):
+        raise CheckpointError(f"--template {cfg.prompt.template!r} differs from the table's {meta['template']!r}")
+    if one_template(meta) is not None:
+        cfg.prompt.template = meta["template"]
+
+
 def check_templates(meta: dict, templates: dict, where) -> None:
     """A several-task table against the tasks' templates now (a changed task template would shift
     its prompt rows' meaning)."""
