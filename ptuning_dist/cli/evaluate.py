@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         run_ = build_run(cfg)
         prompt = None
         if args.prompt_table:  # this backbone's table, its templates; the rows of each group: its mapping
-            table_MH, _ = load_table(args.prompt_table, backbone_hash=run_.backbone_hash)
+            table_MH, _ = load_table(args.prompt_table, ident=run_.ident)
             check_templates(meta, run_.templates, args.prompt_table)
             run_.groups = meta["groups"]
             prompt = PromptTable(table_MH).to(run_.device)

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         D = plan.start()
         with plan.loading():
             run_ = build_run(cfg, D.device, fill=plan.fill(resolve_model_path(cfg)))
-        load_table(args.prompt_table, backbone_hash=run_.backbone_hash)  # the table fits this backbone
+        load_table(args.prompt_table, ident=run_.ident)  # the table fits this backbone
         check_templates(meta, run_.templates, args.prompt_table)
         run_.groups = meta["groups"]
         prompt = PromptTable(table_MH).to(D.device) if run_.backbone.is_first_stage else None

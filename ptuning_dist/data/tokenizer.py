@@ -31,6 +31,21 @@ class PieceTokenizer:
         self.pad_id = int(pad)
         self.vocab_size = len(hf_tokenizer)
 
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of what maps text to ids: a fast tokenizer's whole serialisation (vocabulary, merges,
+        normaliser, special tokens), else the sorted vocabulary and the special tokens. A tokenizer
+        with permuted ids gives another fingerprint, so a table or checkpoint made with it is refused."""
+        if getattr(self, "_fingerprint", None) is None:
+            import hashlib
+            import json
+
+            backend = getattr(self.hf, "backend_tokenizer", None)
+            text = backend.to_str() if backend is not None else json.dumps(
+                [sorted(self.hf.get_vocab().items()), list(self.hf.all_special_tokens)])
+            self._fingerprint = hashlib.sha256(text.encode()).hexdigest()
+        return self._fingerprint
+
     @classmethod
     def from_dir(cls, path: str | Path) -> "PieceTokenizer":
         from transformers import AutoTokenizer

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ptuning_dist.errors import CheckpointError
@@ -21,21 +22,31 @@ TABLE_FILE, META_FILE = "prompt_table.safetensors", "prompt_table.json"
 ENCODER_FILE = "encoder.safetensors"
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write, need: int = 0) -> None:
+    """``write(tmp)``, fsync, rename over ``path``; a failed write (disk full, quota, read-only) is
+    one CheckpointError naming the path and the bytes it needed, its partial file removed."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); it needed about "
+                              f"{need:,} bytes; nothing of it is left behind") from None
 
 
-def save_table(out_dir, table_MH: torch.Tensor, *, template: str, backbone_path: str, backbone_hash: str,
+def save_table(out_dir, table_MH: torch.Tensor, *, template: str, ident: dict,
                tokenizer: str, vocab_size: int, groups: PromptGroups | None = None, templates: dict | None = None,
                extra: dict | None = None) -> Path:
     """``groups``: which rows belong to which prompt group (None: one group, all rows);
     ``templates``: each row group's template (several tasks), recorded beside ``template``."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot make the prompt table directory {out_dir} ({e.strerror})") from None
     table_MH = table_MH.detach().float().cpu().contiguous()
     meta = {
         "format": "ptuning_dist.prompt_table/1",
@@ -45,17 +56,18 @@ def save_table(out_dir, table_MH: torch.Tensor, *, template: str, backbone_path:
         "dtype": "float32",
         "tokenizer": tokenizer,
         "vocab_size": int(vocab_size),
-        "backbone": {"path": backbone_path, "fingerprint": backbone_hash},
+        "backbone": dict(ident),
         "groups": (groups or PromptGroups.of([SHARED], int(table_MH.shape[0]))).to_json(),
         "templates": {g: t.text for g, t in (templates or {}).items()},
         **(extra or {}),
     }
-    _atomic_write(out_dir / TABLE_FILE, lambda p: save_file({"prompt_table": table_MH}, str(p)))
+    _atomic_write(out_dir / TABLE_FILE, lambda p: save_file({"prompt_table": table_MH}, str(p)),
+                  table_MH.numel() * 4)
     _atomic_write(out_dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     return out_dir
 
 
-def load_table(path, backbone_hash: str | None = None) -> tuple[torch.Tensor, dict]:
+def load_table(path, ident: dict | None = None) -> tuple[torch.Tensor, dict]:
     """(table_MH, meta) from a directory holding the two files; a mismatch is a CheckpointError.
     ``meta["groups"]`` is a ``PromptGroups`` (each group's rows of the table)."""
     path = Path(path)
@@ -68,19 +80,40 @@ def load_table(path, backbone_hash: str | None = None) -> tuple[torch.Tensor, di
         table_MH = load_file(str(tfile))["prompt_table"]
     except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt export
         raise CheckpointError(f"prompt table {path}: cannot read ({e})") from None
-    shape = (meta.get("n_prompt"), meta.get("hidden_size"))
+    _check_meta(meta, mfile)
+    shape = (meta["n_prompt"], meta["hidden_size"])
     if tuple(table_MH.shape) != shape:
         raise CheckpointError(f"prompt table {tfile}: shape {tuple(table_MH.shape)} != {shape} in {mfile}")
     groups = PromptGroups.from_json(meta.get("groups", {SHARED: [0, shape[0]]}), str(mfile))  # older sidecars: one
     if groups.total != shape[0]:
         raise CheckpointError(f"{mfile}: its groups cover {groups.total} rows, the table has {shape[0]}")
     meta["groups"] = groups
-    if backbone_hash is not None and meta["backbone"]["fingerprint"] != backbone_hash:
-        raise CheckpointError(
-            f"prompt table {path} was trained on backbone {meta['backbone']['path']} "
-            f"(fingerprint {meta['backbone']['fingerprint'][:12]}), not this one ({backbone_hash[:12]})"
-        )
+    if ident is not None:
+        bb = meta["backbone"]
+        if bb["fingerprint"] != ident["fingerprint"]:
+            raise CheckpointError(f"prompt table {path} was trained on backbone {bb['path']} (fingerprint "
+                                  f"{bb['fingerprint'][:12]}), not this one ({ident['path']}, {ident['fingerprint'][:12]})")
+        if bb.get("tokenizer") != ident["tokenizer"]:
+            raise CheckpointError(f"prompt table {path} was trained with the tokenizer of {bb['path']} (fingerprint "
+                                  f"{str(bb.get('tokenizer'))[:12]}), not this one ({ident['path']}, "
+                                  f"{ident['tokenizer'][:12]})")
     return table_MH, meta
+
+
+def _check_meta(meta, mfile: Path) -> None:
+    """The sidecar's fields, typed exactly (a bool is not a count, a number is not a path)."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{mfile}: expected a JSON object")
+    want = {"format": str, "template": str, "n_prompt": int, "hidden_size": int, "backbone": dict}
+    for key, typ in want.items():
+        if type(meta.get(key)) is not typ:
+            raise CheckpointError(f"{mfile}: field {key!r} must be a {typ.__name__}, got {meta.get(key)!r}")
+    if meta["n_prompt"] < 1 or meta["hidden_size"] < 1:
+        raise CheckpointError(f"{mfile}: n_prompt and hidden_size must be >= 1")
+    if not all(isinstance(meta["backbone"].get(k), str) for k in ("path", "fingerprint")):
+        raise CheckpointError(f"{mfile}: field 'backbone' must hold the strings 'path' and 'fingerprint'")
+    if not isinstance(meta.get("templates", {}), dict):
+        raise CheckpointError(f"{mfile}: field 'templates' must be an object")
 
 
 def one_template(meta: dict) -> str | None:
@@ -112,7 +145,7 @@ def check_templates(meta: dict, templates: dict, where) -> None:
 def save_encoder(path, encoder: torch.nn.Module) -> None:
     """The trained encoder's weights (what ``launchers/export.py`` re-exports a table from)."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    _atomic_write(Path(path), lambda p: save_file(state, str(p)))
+    _atomic_write(Path(path), lambda p: save_file(state, str(p)), sum(v.numel() * v.element_size() for v in state.values()))
 
 
 def load_encoder(path, encoder: torch.nn.Module) -> None:

@@ -40,6 +40,12 @@ class Run:
     groups: PromptGroups | None = None  # the prompt groups (prompt/groups.py): rows of the stacked table
     templates: dict | None = None  # row group -> its Template (several tasks: each its own)
 
+    @property
+    def ident(self) -> dict:
+        """What a checkpoint or prompt table of this run is only valid with: the backbone (path and
+        fingerprint) and the tokenizer's fingerprint."""
+        return {"path": str(self.model_path), "fingerprint": self.backbone_hash, "tokenizer": self.tok.fingerprint}
+
     def prompt_group(self, row_group: str) -> str:
         """The prompt group a row of ``row_group`` (its LAMA relation or task) trains."""
         return SHARED if self.groups.names == (SHARED,) else row_group

@@ -213,7 +213,7 @@ def write_table(table_dir: Path, table_MH: torch.Tensor, parts, extra: dict) -> 
     peft = save_peft_adapters(table_dir, table_MH.cpu(), parts.groups, parts.templates, hf_config(parts.model_path),
                               str(parts.model_path), parts.tok.bos_id is not None)
     return save_table(table_dir, table_MH, template=parts.template.text, templates=parts.templates,
-                      backbone_path=str(parts.model_path), backbone_hash=parts.backbone_hash,
+                      ident=parts.ident,
                       tokenizer=str(parts.model_path), vocab_size=parts.tok.vocab_size, groups=parts.groups,
                       extra={**extra, "peft": peft})
 

@@ -132,8 +132,8 @@ class PTuningRecipe:
         cfg, run, D = self.cfg, self.parts, self.D
         self.stream = make_stream(cfg.data.batching, self.train_ex, run.groups.names, cfg.train.seed)
         self.selection = Selection(run.groups, run.task.select_metric)
-        self.backbone_id = {"path": str(run.model_path), "fingerprint": run.backbone_hash}
-        self.start = ckpt.resume(cfg, self.out, run.backbone_hash, self.encoder, self.opt, self.sched, self.stream,
+        self.backbone_id = run.ident
+        self.start = ckpt.resume(cfg, self.out, run.ident, self.encoder, self.opt, self.sched, self.stream,
                                  D, self.say, run.groups, self.selection)
         if D.is_main:  # rank 0 is on the first pipeline stage: it holds the encoder
             (self.out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

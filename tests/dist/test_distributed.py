@@ -14,6 +14,7 @@ from distutil import (BIN, COMMON, LLAMA_RTE, ROOT, WORKER, assert_matches_refer
 
 from ptuning_dist.backbone.tiny import default_backbone
 from ptuning_dist.parallel.launch import free_port
+from ptuning_dist.train.checkpoint import read_state
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_killed_run_and_killed_save_resume_bit_identical(backbone, tmp_path):
     train = ROOT / "launchers" / "train.py"
     full = tmp_path / "full"
     torchrun(2, train, *flags, "--output_dir", full)
-    # rank 0 dies inside the step-6 save, after writing state.pt into step_6.tmp, before the rename
+    # rank 0 dies inside the step-6 save, after writing the state into step_6.tmp, before the rename
     cut = tmp_path / "cut"
     p = torchrun(2, train, *flags, "--output_dir", cut, ok=False, extra_env={"PTUNING_FAULT": "0:save:6"})
     assert p.returncode != 0
@@ -95,7 +96,7 @@ def test_killed_run_and_killed_save_resume_bit_identical(backbone, tmp_path):
     assert "resumed from" in p.stdout + p.stderr and "step_00000003" in p.stdout + p.stderr
     # the checkpoint holds only what trains: the encoder and AdamW's two moments (+ a step count
     # per tensor), no backbone tensor at any size of backbone
-    state = torch.load(full / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
+    state = read_state(full / "checkpoints" / "step_00000006")
     n_enc = sum(v.numel() for v in state["encoder"].values())
     n_opt = sum(v.numel() for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v))
     assert n_opt == 2 * n_enc + len(state["encoder"])
@@ -120,7 +121,7 @@ def test_resume_on_one_rank_and_refusals(backbone, tmp_path):
     a, b = losses(two)[2:], losses(one)
     assert len(b) == 2 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5
     # a corrupt newest checkpoint: 'auto' skips it, an explicit path is refused
-    state = two / "checkpoints" / "step_00000004" / "state.pt"
+    state = two / "checkpoints" / "step_00000004" / "state.safetensors"
     state.write_bytes(state.read_bytes()[:-10])
     p = run([sys.executable, train, *flags, "--output_dir", two, "--resume", two / "checkpoints" / "step_00000004"],
             ok=False)

@@ -11,6 +11,7 @@ import torch
 from distutil import BIN, ROOT, TRAIN, losses, run, torchrun
 
 from ptuning_dist.parallel.launch import free_port
+from ptuning_dist.train.checkpoint import read_state
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "mpirun"])
@@ -54,7 +55,7 @@ def test_launcher_model_parallel_checkpoint_and_exact_resume(backbone, tmp_path,
     p = torchrun(2, TRAIN, *flags, "--output_dir", cut, "--resume", "auto")
     assert "resumed from" in p.stdout + p.stderr
     assert losses(cut) == losses(full)
-    state = torch.load(full / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
+    state = read_state(full / "checkpoints" / "step_00000006")
     assert len(state["rng"]) == 2 and state["samples"] == 6 * 8
 
 

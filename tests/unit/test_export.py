@@ -11,26 +11,31 @@ from ptuning_dist.prompt.encoder import PromptEncoder
 from ptuning_dist.prompt.export import load_encoder, load_table, save_encoder, save_table
 
 
+IDENT = {"path": "/m", "fingerprint": "abc" * 10, "tokenizer": "tok" * 10}
+
+
 def save(tmp_path, table):
-    return save_table(tmp_path / "t", table, template="[P*2] {x} [MASK]", backbone_path="/m", backbone_hash="abc" * 10,
+    return save_table(tmp_path / "t", table, template="[P*2] {x} [MASK]", ident=IDENT,
                       tokenizer="/m", vocab_size=99, extra={"task": "rte"})
 
 
 def test_round_trip_and_sidecar(tmp_path):
     table = torch.randn(2, 8)
     d = save(tmp_path, table)
-    got, meta = load_table(d, backbone_hash="abc" * 10)
+    got, meta = load_table(d, ident=IDENT)
     assert torch.equal(got, table)
     assert meta["n_prompt"] == 2 and meta["hidden_size"] == 8 and meta["dtype"] == "float32"
     assert meta["template"] == "[P*2] {x} [MASK]" and meta["vocab_size"] == 99 and meta["task"] == "rte"
-    assert meta["backbone"] == {"path": "/m", "fingerprint": "abc" * 10}
+    assert meta["backbone"] == IDENT
     assert sorted(p.name for p in d.iterdir()) == ["prompt_table.json", "prompt_table.safetensors"]  # no .tmp
 
 
 def test_refusals(tmp_path):
     d = save(tmp_path, torch.randn(2, 8))
     with pytest.raises(CheckpointError, match="was trained on backbone /m"):
-        load_table(d, backbone_hash="other")
+        load_table(d, ident={**IDENT, "fingerprint": "other"})
+    with pytest.raises(CheckpointError, match="tokenizer of /m"):
+        load_table(d, ident={**IDENT, "path": "/n", "tokenizer": "other"})
     meta = json.loads((d / "prompt_table.json").read_text())
     (d / "prompt_table.json").write_text(json.dumps({**meta, "n_prompt": 3}))
     with pytest.raises(CheckpointError, match=r"shape \(2, 8\) != \(3, 8\)"):

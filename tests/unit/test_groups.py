@@ -16,6 +16,7 @@ from ptuning_dist.prompt.export import load_table
 from ptuning_dist.prompt.groups import PromptGroups, group_seed
 from ptuning_dist.train.build import build_run, examples
 from ptuning_dist.train.recipe import PTuningRecipe, train
+from ptuning_dist.train.checkpoint import read_state
 
 QUIET = dict(log=lambda *a: None)
 
@@ -150,7 +151,7 @@ def test_epochs_best_on_dev_and_the_exported_table(tiny_dir, tmp_path):
         step = curve[scores.index(best)]["step"]  # the first evaluation reaching the best
         assert res["selected"][rel] == {"step": step, "score": best}
         assert res["ptuning"]["p@1_per_relation"][rel] == best  # the exported table scores its best
-        state = torch.load(tmp_path / "checkpoints" / f"step_{step:08d}" / "state.pt", weights_only=False)
+        state = read_state(tmp_path / "checkpoints" / f"step_{step:08d}")
         g = meta["groups"].index(rel)
         enc = PromptEncoders("lstm", meta["groups"], table.shape[1])
         enc.load_state_dict(state["encoder"])
