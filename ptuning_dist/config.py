@@ -247,6 +247,8 @@ class TrainConfig(Section):
         _require(self.global_batch_size is None or self.global_batch_size >= 1, "train.global_batch_size",
                  f"must be >= 1, got {self.global_batch_size}")
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(self.eval_every >= 0 and self.warmup_steps >= 0, "train.eval_every/warmup_steps", "must be >= 0")
 
 
@@ -350,26 +352,46 @@ def coerce(value, typ, name: str):
                 value = type(allowed[0])(value)
             except ValueError:
                 pass
-        _require(value in allowed, name, f"{value!r} is not {one_of(allowed)}")
+        _require(value in allowed and (not isinstance(value, bool) or isinstance(allowed[0], bool)), name,
+                 f"{value!r} is not {one_of(allowed)}")
         return value
     args = [a for a in typing.get_args(typ) if a is not type(None)]
     base = args[0] if args else typ
     if typing.get_origin(base) is list:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        _require(isinstance(value, list), name, f"expected a list, got {value!r}")
-        return [str(v) for v in value]
-    if base is bool:
+            value = [v.strip() for v in value.split(",")]
+        _require(isinstance(value, list) and len(value) > 0, name, f"expected a non-empty list, got {value!r}")
+        _require(all(isinstance(v, str) and v.strip() for v in value), name,
+                 f"expected non-empty strings, got {value!r}")
+        return [v.strip() for v in value]
+    if base is bool:  # exactly a bool (a flag's true/false): 1 or "yes" is not one
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        _require(isinstance(value, bool), name, f"expected true or false, got {value!r}")
+        return value
+    if base is int:  # exactly an integer: a bool is not one, nor is 3.0
         if isinstance(value, str):
-            _require(value.lower() in ("true", "false", "1", "0"), name, f"expected true/false, got {value!r}")
-            return value.lower() in ("true", "1")
-        return bool(value)
-    try:
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return base(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected {base.__name__}, got {value!r}") from None
+            try:
+                value = int(value.strip())
+            except ValueError:
+                pass
+        _require(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
+        return value
+    if base is float:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), name,
+                 f"expected a number, got {value!r}")
+        _require(math.isfinite(value), name, f"must be a finite number, got {value!r}")
+        return float(value)
+    if base is str:
+        _require(isinstance(value, str), name, f"expected a string, got {value!r}")
+        _require(bool(value.strip()), name, "may not be empty (leave it out for the default)")
+        return value
+    raise TypeError(f"{name}: no rule for the type {typ}")  # a field of a new type: add its rule here
 
 
 def from_dict(d: dict, overrides: dict | None = None) -> RunConfig:

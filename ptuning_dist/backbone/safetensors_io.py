@@ -36,6 +36,12 @@ def has_safetensors(model_dir: str | Path) -> bool:
     return (model_dir / INDEX).is_file() or (model_dir / SINGLE).is_file()
 
 
+def check_complete(path: Path) -> None:
+    """A CheckpointError naming ``path`` unless it is a whole safetensors file (header parsed, every
+    tensor's bytes inside the file): a truncated download fails here, not in the middle of a load."""
+    _File(Path(path)).f.close()
+
+
 class _File:
     """One safetensors file: its header parsed, its data read by offset (no memory map)."""
 

@@ -1,6 +1,7 @@
 """What every entry point shares: quiet libraries, and one way to end (exit codes and errors)."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -9,6 +10,15 @@ import warnings
 from ptuning_dist.errors import PTuningError
 
 EXIT_BAD_INPUT = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one ``error: ...`` line and exit 2 like every other bad input
+    (argparse's own prints the usage first)."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def quiet_libraries() -> None:

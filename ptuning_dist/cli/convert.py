@@ -14,11 +14,10 @@ under ``OUT``. Beside it: the source's config.json and tokenizer files, and ``pt
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 from ptuning_dist.cli import args as cli_args
-from ptuning_dist.cli.common import run
+from ptuning_dist.cli.common import Parser, run
 from ptuning_dist.config import Dtype
 
 DESCRIPTION = "Convert a Hugging Face model directory into a megatron-core torch_dist checkpoint, shard-wise."
@@ -102,7 +101,7 @@ def convert(args: ConvertArgs) -> str:
 
 def main(argv=None) -> int:
     def go():
-        p = argparse.ArgumentParser(prog="ptuning-convert", description=DESCRIPTION)
+        p = Parser(prog="ptuning-convert", description=DESCRIPTION)
         own = cli_args.add_fields(p, ConvertArgs)
         args = cli_args.build(ConvertArgs, p.parse_args(argv), own)
         out = convert(args)

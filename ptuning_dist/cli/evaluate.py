@@ -2,13 +2,12 @@
 or the manual-template baseline on a split, in one process."""
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ptuning_dist.cli import args as cli_args
-from ptuning_dist.cli.common import run
+from ptuning_dist.cli.common import Parser, run
 from ptuning_dist.errors import PTuningError
 
 RUN_FIELDS = ("model.path", "model.dtype", "model.splice", "data.task", "data.data_dir", "data.relations",
@@ -40,7 +39,7 @@ def main(argv=None) -> int:
         from ptuning_dist.train.build import build_run, examples
         from ptuning_dist.train.evaluate import evaluate
 
-        p = argparse.ArgumentParser(prog="ptuning-evaluate", description=DESCRIPTION)
+        p = Parser(prog="ptuning-evaluate", description=DESCRIPTION)
         dests = cli_args.add_run_config(p, only=RUN_FIELDS)
         own = cli_args.add_fields(p, EvalArgs)
         ns = p.parse_args(argv)

@@ -2,12 +2,11 @@
 directory's encoder weights, in one process, however the run was parallelised."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 from ptuning_dist.cli import args as cli_args
-from ptuning_dist.cli.common import run
+from ptuning_dist.cli.common import Parser, run
 
 DESCRIPTION = ("Re-export the prompt table from a training output directory's encoder weights, in one "
                "process.")
@@ -28,7 +27,7 @@ def main(argv=None) -> int:
         from ptuning_dist.train.evaluate import write_table
         from ptuning_dist.train.build import build_encoders, build_run
 
-        p = argparse.ArgumentParser(prog="ptuning-export", description=DESCRIPTION)
+        p = Parser(prog="ptuning-export", description=DESCRIPTION)
         own = cli_args.add_fields(p, ExportArgs)
         args = cli_args.build(ExportArgs, p.parse_args(argv), own)
         run_dir = Path(args.run_dir)

@@ -7,7 +7,6 @@ no torch is imported until a plan counts the prompt encoder's parameters.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from ptuning_dist.config import Dtype, EncoderKind, read_json
 from ptuning_dist.errors import ConfigError, PTuningError
 from ptuning_dist.planning.planner import PRESETS, GiB, Plan, plan
 from ptuning_dist.planning.shape import ModelShape
+from ptuning_dist.cli.common import Parser
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -171,7 +171,7 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="ptuning-plan", description="A TP x PP x DP layout's per-rank memory, "
+    ap = Parser(prog="ptuning-plan", description="A TP x PP x DP layout's per-rank memory, "
                                  "communication per step and verdict, without any GPU. Exit 0: fits, 1: does not "
                                  "fit, 2: does not divide or bad input.")
     own = cli_args.add_fields(ap, PlanArgs)

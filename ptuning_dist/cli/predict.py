@@ -10,14 +10,13 @@ printed too (the same numbers ``ptuning-evaluate`` gives for that file).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ptuning_dist.cli import args as cli_args
-from ptuning_dist.cli.common import run
+from ptuning_dist.cli.common import Parser, run
 from ptuning_dist.cli.evaluate import RUN_FIELDS as EVAL_FIELDS
 from ptuning_dist.errors import PTuningError
 
@@ -68,7 +67,7 @@ def main(argv=None) -> int:
         from ptuning_dist.train.build import build_run, encode, resolve_model_path
         from ptuning_dist.train.evaluate import metrics, predict
 
-        p = argparse.ArgumentParser(prog="ptuning-predict", description=DESCRIPTION)
+        p = Parser(prog="ptuning-predict", description=DESCRIPTION)
         dests = cli_args.add_run_config(p, only=RUN_FIELDS)
         own = cli_args.add_fields(p, PredictArgs)
         ns = p.parse_args(argv)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ptuning_dist.cli import args as cli_args
-from ptuning_dist.cli.common import run
+from ptuning_dist.cli.common import Parser, run
 from ptuning_dist.config import RunConfig
 
 DESCRIPTION = ("P-tune a prompt encoder on a frozen backbone, then evaluate and export its prompt table "
@@ -14,7 +14,7 @@ DESCRIPTION = ("P-tune a prompt encoder on a frozen backbone, then evaluate and 
 
 
 def parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
-    p = argparse.ArgumentParser(prog="ptuning-train", description=DESCRIPTION)
+    p = Parser(prog="ptuning-train", description=DESCRIPTION)
     dests = cli_args.add_run_config(p)
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)

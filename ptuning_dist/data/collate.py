@@ -83,8 +83,13 @@ def build_candidates(task: Task, tok, allowed_vocab: str | None, space_before: b
         path = Path(allowed_vocab)
         if not path.is_file():
             raise DataError(f"data.allowed_vocab: file not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        words = json.loads(text) if text.lstrip().startswith("[") else text.split()
+        try:
+            text = path.read_text(encoding="utf-8")
+            words = json.loads(text) if text.lstrip().startswith("[") else text.split()
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"data.allowed_vocab {path}: not a UTF-8 word list or JSON list ({e})") from None
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise DataError(f"data.allowed_vocab {path}: a JSON word list must be a list of strings")
     ids = sorted({t for w in words if (t := tok.single_token(w, space_before)) is not None})
     if not ids:
         raise DataError(f"data.allowed_vocab {allowed_vocab!r}: no word is a single token of this tokenizer")
@@ -123,6 +128,9 @@ def encode_rows(
                 tok.encode(c, template.parts[-1].space_before) for c in row.candidates]
             if any(not w for w in words):
                 raise DataError(f"{row.where}: a candidate answer has no tokens: {row.candidates}")
+            if tok.unk_id is not None and any(tok.unk_id in w for w in words):
+                raise DataError(f"{row.where}: a candidate answer has a word the tokenizer does not know (the "
+                                f"unknown token): {row.candidates if cands.words is None else cands.names}")
             label = cands.names.index(row.label) if cands.words is not None else row.candidates.index(row.target)
             enc = template.encode(row.values, None, tok, max_len, row.where, reserve=max(map(len, words)) - 1)
             cand_ids = tuple(tuple(w) for w in words)

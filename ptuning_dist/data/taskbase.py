@@ -26,8 +26,12 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -37,6 +41,8 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
             out.append((n, obj))
+    if not out:
+        raise DataError(f"{path}: no rows (the file is blank)")
     return out
 
 

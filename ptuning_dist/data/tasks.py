@@ -16,7 +16,7 @@ from pathlib import Path
 from ptuning_dist.config import TaskName, choices
 from ptuning_dist.data.superglue import (BoolqTask, CbTask, CopaTask, MultircTask, RecordTask, RteTask,  # noqa: F401
                                          SuperGlueTask, WicTask, WscTask)
-from ptuning_dist.data.taskbase import Row, Task, _get, read_jsonl  # noqa: F401 - the tasks' one import point
+from ptuning_dist.data.taskbase import Row, Task, _get, _text, read_jsonl  # noqa: F401 - the tasks' one import point
 from ptuning_dist.errors import DataError
 
 BUNDLED_LAMA = Path(__file__).parent / "bundled" / "lama_tiny"
@@ -58,7 +58,7 @@ class LamaTask(Task):
         rel = group or obj.get("predicate_id") or obj.get("relation")
         if rel not in self.relations:
             raise DataError(f"{where}: relation {rel!r} (predicate_id) is not one of {self.relations}")
-        sub = _get(obj, "sub_label", where)
+        sub = _text(_get(obj, "sub_label", where), "sub_label", where)
         cands = self.objects(rel) if self.choices else None
         if labeled or "obj_label" in obj:
             obj_label = _get(obj, "obj_label", where)

@@ -30,6 +30,7 @@ class PieceTokenizer:
             pad = hf_tokenizer.eos_token_id if hf_tokenizer.eos_token_id is not None else 0
         self.pad_id = int(pad)
         self.vocab_size = len(hf_tokenizer)
+        self.unk_id = hf_tokenizer.unk_token_id  # None for byte-level BPE (every text has tokens)
 
     @property
     def fingerprint(self) -> str:
@@ -50,7 +51,14 @@ class PieceTokenizer:
     def from_dir(cls, path: str | Path) -> "PieceTokenizer":
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(path)))
+        from ptuning_dist.errors import ConfigError
+
+        try:  # a tokenizer file this program cannot parse is bad input, named; no remote code is run
+            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions for malformed files
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"model.path: cannot load the tokenizer in {path} ({msg})") from None
+        return cls(hf)
 
     def encode(self, text: str, space_before: bool) -> list[int]:
         if space_before and self.space_prefix:

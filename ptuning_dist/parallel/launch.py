@@ -106,6 +106,20 @@ class Dist:
             dist.barrier()
 
 
+def agree(D: Dist, error: Exception | None) -> None:
+    """Rank 0 found (or did not find) bad input while the others waited: every rank raises it.
+    A barrier that carries the error (a host sync, at set-up only)."""
+    from ptuning_dist.errors import PTuningError
+
+    if D.world > 1:
+        box = [None if error is None else str(error)]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            error = PTuningError(f"(rank 0) {box[0]}")
+    if error is not None:
+        raise error
+
+
 def data_parallel() -> tuple[int, int, object]:
     """(rank, size, group) of this rank's data-parallel group: megatron's when model parallelism
     is set up (TP replicas see the same data), else the whole world (group None)."""

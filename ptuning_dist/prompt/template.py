@@ -162,6 +162,10 @@ class Template:
                 f"{where}: target {target!r} is {len(target_ids)} tokens {target_ids}, "
                 "must be a single vocabulary token"
             )
+        unk = getattr(tok, "unk_id", None)
+        if target is not None and unk is not None and target_ids[0] == unk:
+            raise TemplateError(f"{where}: target {target!r} is not in the tokenizer's vocabulary (it encodes as "
+                                "the unknown token, which would be trained as the answer)")
         prefix = [tok.bos_id] if tok.bos_id is not None else []
         truncated = _truncate(pieces, self.parts[:-1], max_len - len(prefix) - reserve, self.text, where)
         ids, prompt_pos, prompt_slot = list(prefix), [], []

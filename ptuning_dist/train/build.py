@@ -70,6 +70,31 @@ def resolve_model_path(cfg: RunConfig) -> Path:
     return out
 
 
+def check_model_files(cfg: RunConfig, model_path: Path, hf_cfg) -> None:
+    """What config.json says, before any weight is read: the sequence fits the model's positions;
+    every weight file is a complete safetensors file (its header and the size it declares)."""
+    positions = getattr(hf_cfg, "n_positions", None) or getattr(hf_cfg, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.data.max_seq_len > positions:
+        raise ConfigError(f"data.max_seq_len = {cfg.data.max_seq_len} exceeds the {positions} positions of "
+                          f"{model_path / 'config.json'}; give --max_seq_len {positions} or less")
+    vocab = getattr(hf_cfg, "vocab_size", None)
+    if type(vocab) is not int or vocab < 1:
+        raise ConfigError(f"model.path: {model_path / 'config.json'} has no valid vocab_size ({vocab!r})")
+    from ptuning_dist.backbone.safetensors_io import check_complete
+
+    for f in sorted(model_path.glob("*.safetensors")):
+        check_complete(f)
+
+
+def check_tokenizer(tok: PieceTokenizer, hf_cfg, model_path: Path) -> None:
+    """Every id the tokenizer can produce indexes the model's embedding (a larger tokenizer would
+    read past it: the fused splice would silently give zero vectors, the reference an IndexError)."""
+    if tok.vocab_size > hf_cfg.vocab_size:
+        raise ConfigError(f"model.path: the tokenizer in {model_path} has {tok.vocab_size} ids, more than "
+                          f"{model_path / 'config.json'}'s vocab_size {hf_cfg.vocab_size}: ids from "
+                          f"{hf_cfg.vocab_size} on have no embedding row (another model's tokenizer?)")
+
+
 def default_data_dir(cfg: RunConfig, model_path: Path) -> Path | None:
     """Task 'default' on a model that carries its own probe (the embedded knowledge LM: the facts it
     was trained on, ``backbone/knowledge.py``) reads that probe; on any other model the bundled
@@ -92,7 +117,11 @@ def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | No
     model_path = resolve_model_path(cfg)
     if not (model_path / "config.json").is_file():
         raise ConfigError(f"model.path: {model_path} is not a Hugging Face model directory (no config.json)")
+    from ptuning_dist.backbone.megatron_import import hf_config
+
+    check_model_files(cfg, model_path, hf_config(model_path))
     tok = PieceTokenizer.from_dir(model_path)
+    check_tokenizer(tok, hf_config(model_path), model_path)
     task = build_task(cfg.data.task, default_data_dir(cfg, model_path), cfg.data.relations, cfg.data.multi_token)
     templates = {g: Template(cfg.prompt.template or task.template_of(g), fields=task.fields_of(g))
                  for g in task.groups()}
@@ -105,8 +134,6 @@ def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | No
     torch_dist = is_torch_dist(model_path)
     backbone_hash = source_fingerprint(model_path) if torch_dist else fingerprint(model_path)
     if not load_backbone:
-        from ptuning_dist.backbone.megatron_import import hf_config
-
         return Run(cfg, model_path, backbone_hash, tok, task, template, cands, None, device,
                    hf_config(model_path).hidden_size, groups, templates)
     if torch_dist and cfg.model.backend != "megatron":
@@ -115,7 +142,6 @@ def build_run(cfg: RunConfig, device: torch.device | None = None, fill: str | No
     if cfg.model.backend == "megatron":
         from ptuning_dist.backbone.families import family
         from ptuning_dist.backbone.megatron import MegatronBackbone
-        from ptuning_dist.backbone.megatron_import import hf_config
 
         hf_cfg = hf_config(model_path)
         window = family(hf_cfg.model_type, need="megatron").attention_window(hf_cfg)

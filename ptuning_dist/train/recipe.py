@@ -40,10 +40,12 @@ from ptuning_dist.data.collate import collate
 from ptuning_dist.data.packing import step_forwards
 from ptuning_dist.data.scoring import longest
 from ptuning_dist.data.stream import make_stream
+from ptuning_dist.errors import PTuningError
 from ptuning_dist.parallel import launch
 from ptuning_dist.parallel.parallelize import ParallelPlan, check_megatron_model, parallelize
 from ptuning_dist.train import checkpoint as ckpt
 from ptuning_dist.train.build import build_model, build_run, examples, resolve_model_path
+from ptuning_dist.train.lock import RunLock
 from ptuning_dist.train.evaluate import evaluate, export_and_evaluate, headline
 from ptuning_dist.train.select import Selection, headline_score
 from ptuning_dist.train.stop import StopRequested, StopWatch
@@ -74,9 +76,20 @@ class PTuningRecipe:
         self.cfg, self.log = cfg, log
 
     def run(self) -> dict:
+        self.lock = RunLock(Path(self.cfg.train.output_dir))  # rank 0 takes it first thing in setup
         with StopWatch(Path(self.cfg.train.output_dir)) as self.stop:  # SIGUSR1/SIGTERM or <output_dir>/STOP
-            self.setup()
-            return self.train()
+            try:
+                self.setup()
+            except PTuningError:  # bad input found while setting up: leave the output directory as it was
+                self.lock.abandon()
+                raise
+            except BaseException:
+                self.lock.release()
+                raise
+            try:
+                return self.train()
+            finally:
+                self.lock.release()
 
     # ---- set-up, in this order -------------------------------------------------------------
 
@@ -86,11 +99,18 @@ class PTuningRecipe:
         self.D = D = self.plan.start()
         self.say = self.log if D.is_main else (lambda *a, **k: None)
         self.out = Path(cfg.train.output_dir)
-        if D.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            resolve_model_path(cfg)  # builds the embedded default backbone once, before others read it
-            self.stop.clear_stale_file(self.say)
-        D.barrier()
+        error = None
+        if D.is_main:  # before any rank writes: one run per output directory (train/lock.py)
+            try:
+                self.lock.acquire(self.say)
+                default = self.out / "default_backbone"
+                if cfg.model.path is None and not default.exists():
+                    self.lock.made(default)
+                resolve_model_path(cfg)  # builds the embedded default backbone once, before others read it
+                self.stop.clear_stale_file(self.say)
+            except PTuningError as e:
+                error = e
+        launch.agree(D, error)  # every rank raises rank 0's error (else they would wait for it)
         self.build()
         self.parallelize()
         self.build_optimizer()

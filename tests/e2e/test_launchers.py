@@ -71,7 +71,7 @@ def test_superglue_tasks_run_from_the_launcher(default_run, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--lr", "fast"], "train.lr: expected float"),
+    (["--lr", "fast"], "train.lr: expected a number"),
     (["--template", "{nope} [P*2]"], "unknown field(s) ['nope']"),
     (["--template", "[P*2] {sub_label} [MASK] [MASK]"], "2 [MASK] targets"),
     (["--model", "/nonexistent/model"], "model.path"),

@@ -63,7 +63,7 @@ def test_values_are_parsed_by_the_config_and_errors_name_the_field():
     assert (cfg.train.lr, cfg.parallel.fsdp2, cfg.parallel.activation_checkpointing) == (1e-3, True, False)
     assert cfg.data.relations == ["P36", "P37"] and cfg.parallel.host_malloc == "trim"
     assert cli_train.parse([]).to_dict() == RunConfig().to_dict()  # no flag: the config's defaults
-    with pytest.raises(ConfigError, match="train.lr: expected float, got 'fast'"):
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
         cli_train.parse(["--lr", "fast"])
     with pytest.raises(ConfigError, match="model.backend: 'tpu' is not hf or megatron"):
         cli_train.parse(["--backend", "tpu"])
@@ -80,7 +80,7 @@ def test_a_dataclass_of_flags_builds_with_its_defaults_and_names_the_flag_in_err
     assert (args.model, args.gpus_per_node, args.zero_stage, args.encoder) == ("gpt2-xl", 4, 3, "lstm")
     with pytest.raises(ConfigError, match="--zero_stage: 5 is not 0, 1, 2 or 3"):
         build(cli_plan.PlanArgs, p.parse_args(["--model", "x", "--zero_stage", "5"]), own)
-    with pytest.raises(ConfigError, match="--tp: expected int, got 'two'"):
+    with pytest.raises(ConfigError, match="--tp: expected an integer, got 'two'"):
         build(cli_plan.PlanArgs, p.parse_args(["--model", "x", "--tp", "two"]), own)
     assert choices(typing.get_type_hints(cli_plan.PlanArgs)["encoder"]) == ("lstm", "mlp", "embedding")
 
@@ -88,7 +88,7 @@ def test_a_dataclass_of_flags_builds_with_its_defaults_and_names_the_flag_in_err
 def test_plan_flag_errors_are_one_line_and_exit_2(capsys):
     assert cli_plan.main(["--model", "gpt2-xl", "--tp", "two"]) == 2
     err = capsys.readouterr().err
-    assert err == "error: --tp: expected int, got 'two'\n"
+    assert err == "error: --tp: expected an integer, got 'two'\n"
 
 
 def test_convert_flag_errors_are_one_line_and_exit_2(capsys, tmp_path):

@@ -130,9 +130,9 @@ def test_layout_and_batch_checks():
         from_dict({"train": {"lrr": 1}})
     with pytest.raises(ConfigError, match="optim: unknown config section"):
         from_dict({"optim": {}})
-    with pytest.raises(ConfigError, match="train.lr: expected float"):
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
         from_dict({}, {"train.lr": "fast"})
-    with pytest.raises(ConfigError, match="train.max_steps: expected int"):
+    with pytest.raises(ConfigError, match="train.max_steps: expected an integer"):
         from_dict({}, {"train.max_steps": 1.5})
     with pytest.raises(ConfigError, match="prompt.encoder"):
         from_dict({}, {"prompt.encoder": "gru"})
