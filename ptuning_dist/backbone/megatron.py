@@ -149,9 +149,10 @@ class MegatronBackbone(nn.Module):
 
         from ptuning_dist.ops.splice import splice
 
-        start, _ = self._vocab_range()
+        start, end = self._vocab_range()
         owner = _tp_rank() == 0
         inputs_SBH = splice(ids_BS, slot_BS, self.gpt.embedding.word_embeddings.weight, table_MH, vocab_start=start,
+                            vocab_size=(end - start) * self.gpt.config.tensor_model_parallel_size,
                             write_prompt=owner, seq_first=True, pos_weight_TH=self._position_table() if owner else None)
         if ps.get_tensor_model_parallel_world_size() > 1:
             inputs_SBH = reduce_from_tensor_model_parallel_region(inputs_SBH)

@@ -83,9 +83,14 @@ def slot_map(prompt_rows_N: Tensor, prompt_pos_N: Tensor, prompt_slots_N: Tensor
 
 def splice(ids_BS: Tensor, slot_BS: Tensor, weight_VH: Tensor, table_MH: Tensor, vocab_start: int = 0,
            write_prompt: bool = True, seq_first: bool = False, pos_weight_TH: Tensor | None = None,
-           seq_start: int = 0, seq_len: int | None = None, backend: str = "fused") -> Tensor:
+           seq_start: int = 0, seq_len: int | None = None, backend: str = "fused",
+           vocab_size: int | None = None) -> Tensor:
     """embeds_BLH (or _LBH with ``seq_first``) in the weight's dtype, L = ``seq_len`` (default: to the
-    end of the sequence); see the module docstring. Shapes are checked here, on the host."""
+    end of the sequence); see the module docstring. Shapes are checked here, on the host.
+    ``vocab_size``: the whole vocabulary (default: this table's rows from ``vocab_start``); an id
+    outside it is an error (a shard writes zeros for ids of the other shards, so without this
+    check an id past the vocabulary would silently be a zero vector). On CUDA the check is
+    ``torch._assert_async``: a device-side assert, no host sync; on CPU a scan of the B x S ids."""
     if backend not in BACKENDS:
         raise ValueError(f"splice backend {backend!r}: expected one of {BACKENDS}")
     S = ids_BS.shape[1]
@@ -100,6 +105,8 @@ def splice(ids_BS: Tensor, slot_BS: Tensor, weight_VH: Tensor, table_MH: Tensor,
             raise ValueError(f"splice: position table {tuple(pos_weight_TH.shape)} {pos_weight_TH.dtype} cannot serve "
                              f"positions up to {seq_start + seq_len} of a {tuple(weight_VH.shape)} {weight_VH.dtype} table")
         pos_weight_TH = pos_weight_TH.detach()
+    V = int(vocab_start) + weight_VH.shape[0] if vocab_size is None else int(vocab_size)
+    torch._assert_async(((ids_BS >= 0) & (ids_BS < V)).all(), f"splice: a token id is outside the vocabulary [0, {V})")
     if (seq_start, seq_len) != (0, S):  # a small int copy of the chunk's ids and slots (B x L)
         ids_BS, slot_BS = ids_BS[:, seq_start:seq_start + seq_len], slot_BS[:, seq_start:seq_start + seq_len]
     return torch.ops.ptuning.splice(ids_BS, slot_BS, weight_VH.detach(), int(vocab_start), table_MH,

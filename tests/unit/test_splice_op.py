@@ -57,10 +57,11 @@ def oracle(ids, plan, W, vocab_start, table, write_prompt):
     return out
 
 
-def run(backend, ids, plan, W, table, grad, vocab_start=0, write_prompt=True, seq_first=False, slot_dtype=torch.int32):
+def run(backend, ids, plan, W, table, grad, vocab_start=0, write_prompt=True, seq_first=False, slot_dtype=torch.int32,
+        vocab_size=None):
     t = table.clone().requires_grad_(True)
     slot = slot_map(*plan, *ids.shape, dtype=slot_dtype)
-    out = splice(ids, slot, W, t, vocab_start, write_prompt, seq_first, backend=backend)
+    out = splice(ids, slot, W, t, vocab_start, write_prompt, seq_first, backend=backend, vocab_size=vocab_size)
     out.backward(grad.transpose(0, 1) if seq_first else grad)
     return out.detach(), t.grad
 
@@ -94,8 +95,8 @@ def test_tp2_shards_sum_to_the_unsharded_op(backend, shape):
     ids, plan, W, table, grad = make_case(7 + sum(shape), *shape)
     V = W.shape[0]
     full, full_gt = run(backend, ids, plan, W, table, grad)
-    o0, g0 = run(backend, ids, plan, W[: V // 2], table, grad, vocab_start=0, write_prompt=True)
-    o1, g1 = run(backend, ids, plan, W[V // 2:], table, grad, vocab_start=V // 2, write_prompt=False)
+    o0, g0 = run(backend, ids, plan, W[: V // 2], table, grad, vocab_start=0, write_prompt=True, vocab_size=V)
+    o1, g1 = run(backend, ids, plan, W[V // 2:], table, grad, vocab_start=V // 2, write_prompt=False, vocab_size=V)
     assert torch.equal(o0, oracle(ids, plan, W[: V // 2], 0, table, True))
     assert torch.equal(o1, oracle(ids, plan, W[V // 2:], V // 2, table, False))
     assert torch.equal(o0 + o1, full)
@@ -121,7 +122,7 @@ def test_seq_first_layout(backend):
     assert out_sf.shape == (33, 4, 40) and out_sf.is_contiguous()
     assert torch.equal(out_sf, out.transpose(0, 1))
     assert torch.equal(gt_sf, gt)  # summed in the same (b * S + s) order whatever the layout
-    o1, g1 = run(backend, ids, plan, W[:32], table, grad, 0, False, True)
+    o1, g1 = run(backend, ids, plan, W[:32], table, grad, 0, False, True, vocab_size=64)
     assert torch.equal(o1, oracle(ids, plan, W[:32], 0, table, False).transpose(0, 1))
     assert torch.equal(g1, gt)
 
@@ -176,8 +177,8 @@ def test_positions_fused_bit_exact(backend, dtype):
     torch.testing.assert_close(t.grad, ref_gt, rtol=0, atol=0 if dtype == torch.float32 else 1e-5)
     # TP=2 with positions on the prompt-writing rank only: the shards still sum to it
     V = W.shape[0]
-    o0 = splice(ids, slot_map(*plan, 4, 33), W[: V // 2], table, 0, True, True, pos, backend=backend)
-    o1 = splice(ids, slot_map(*plan, 4, 33), W[V // 2:], table, V // 2, False, True, backend=backend)
+    o0 = splice(ids, slot_map(*plan, 4, 33), W[: V // 2], table, 0, True, True, pos, backend=backend, vocab_size=V)
+    o1 = splice(ids, slot_map(*plan, 4, 33), W[V // 2:], table, V // 2, False, True, backend=backend, vocab_size=V)
     assert torch.equal(o0 + o1, ref)
 
 
@@ -222,6 +223,22 @@ def test_bad_chunk_and_position_table_are_refused():
         splice(ids, slot, W, table, pos_weight_TH=torch.randn(6, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="slot map"):
         splice(ids, slot[:, :5], W, table)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ids_outside_the_vocabulary_are_refused(backend):
+    """A shard writes zeros for other shards' ids: an id past the whole vocabulary must be an error,
+    not a silent zero vector (a tokenizer larger than the model)."""
+    ids, plan, W, table, _ = make_case(2, 2, 6, 10, 4, 3)
+    slot = slot_map(*plan, 2, 6)
+    for bad in (10, -1):
+        wrong = ids.clone()
+        wrong[1, 3] = bad
+        with pytest.raises(RuntimeError, match=r"token id is outside the vocabulary \[0, 10\)"):
+            splice(wrong, slot, W, table, backend=backend)
+        with pytest.raises(RuntimeError, match=r"outside the vocabulary \[0, 10\)"):
+            splice(wrong, slot, W[5:], table, vocab_start=5, write_prompt=False, vocab_size=10, backend=backend)
+    splice(ids, slot, W[:5], table, vocab_size=10, backend=backend)  # ids of the other shard are fine
 
 
 def test_only_the_table_gets_a_gradient_and_no_table_is_fine():
@@ -284,8 +301,8 @@ TRITON_SCRIPT = textwrap.dedent("""
             torch.testing.assert_close(gt, ref_gt, rtol=1e-6, atol=1e-6)
             assert torch.equal(gt, run("triton", ids, plan, W, table, grad, seq_first=seq_first)[1])
         if V > 2:
-            o0, g0 = run("triton", ids, plan, W[: V // 2], table, grad, 0, True, slot_dtype=torch.int64)
-            o1, g1 = run("triton", ids, plan, W[V // 2:], table, grad, V // 2, False)
+            o0, g0 = run("triton", ids, plan, W[: V // 2], table, grad, 0, True, slot_dtype=torch.int64, vocab_size=V)
+            o1, g1 = run("triton", ids, plan, W[V // 2:], table, grad, V // 2, False, vocab_size=V)
             assert torch.equal(o1, oracle(ids, plan, W[V // 2:], V // 2, table, False))
             assert torch.equal(o0 + o1, ref_out) and torch.equal(g0, g1)
     ids, plan, W, table, grad = make_case(3, 2, 9, 64, 40, 6, dtype=torch.bfloat16)

@@ -44,7 +44,7 @@ def main():
     # vocabulary-parallel table: full partial, then reduce-scatter (backward: all-gather)
     rows_per = V // n
     t = table.clone().requires_grad_(True)
-    partial_SBH = splice(ids, slot, W[r * rows_per:(r + 1) * rows_per], t, vocab_start=r * rows_per,
+    partial_SBH = splice(ids, slot, W[r * rows_per:(r + 1) * rows_per], t, vocab_start=r * rows_per, vocab_size=V,
                          write_prompt=r == 0, seq_first=True, pos_weight_TH=P if r == 0 else None)
     chunk_LBH = reduce_scatter(torch.empty(L, B, H), list(partial_SBH.chunk(n)))
     assert torch.equal(chunk_LBH, whole[mine]), f"rank {r}: vocabulary-parallel chunk differs"
