@@ -422,7 +422,9 @@ def read_json(path: str | Path, what: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{what}: file not found: {path}")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what} {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(raw, dict):
@@ -434,7 +436,10 @@ def load_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
