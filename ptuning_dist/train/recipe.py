@@ -2,7 +2,8 @@
 TP x PP x DP ranks. Each stage is a method, so a benchmark or a test observes (or a later feature
 changes) one stage by overriding it, not by patching this module.
 
-    setup():  plan the layout (before any process group) -> process groups -> build: tokenizer,
+    setup():  plan the layout (before any process group) -> process groups -> the output directory's
+              lock (rank 0, before anything is written; train/lock.py) -> build: tokenizer,
               task, backbone loaded and frozen, encoder (seeded), model -> parallelize: checkpoint
               wrapping -> ZeRO-3 / FSDP2 -> pipeline (``parallel/parallelize.py``), replicas made
               identical, trainable count checked -> optimizer -> resume
