@@ -5,7 +5,9 @@ Two runs on one directory would overwrite each other's metrics, checkpoints and 
 0. So a second run on a live directory stops with an error naming the holder. A lock is stale, and
 taken over with a warning, when its holder is a dead pid on this host, or when it has not been
 refreshed for ``STALE_AFTER_S`` (the holder touches it every ``HEARTBEAT_S`` from a thread: a run
-whose node died does not block its requeued job on another node for long).
+whose node died does not block another run for long), or when it is an earlier incarnation of this
+same Slurm job (same ``SLURM_JOB_ID``, a lower ``SLURM_RESTART_COUNT``: the job was requeued, so its
+previous run is over, wherever it ran).
 
 The lock also makes a failed start leave nothing behind: ``abandon()`` (bad input found during
 set-up) removes the directory when this run made it, else only the lock and what ``made()``
@@ -37,6 +39,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _restart_count() -> int:
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
 class RunLock:
     def __init__(self, out: Path):
         self.out, self.path = Path(out), Path(out) / LOCK_FILE
@@ -55,7 +64,8 @@ class RunLock:
             raise ConfigError(f"train.output_dir: cannot make {self.out} ({e.strerror})") from None
         if not self.out.is_dir():
             raise ConfigError(f"train.output_dir: {self.out} is not a directory")
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": _restart_count()}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -82,10 +92,14 @@ class RunLock:
             raise ConfigError(f"train.output_dir: {self.path} is not a lock this program wrote; if no run uses "
                               f"{self.out}, delete it") from None
         dead = host == socket.gethostname() and not _alive(pid)
-        if not dead and age < STALE_AFTER_S:
+        job = os.environ.get("SLURM_JOB_ID")
+        requeued = job is not None and holder.get("slurm_job") == job and \
+            isinstance(holder.get("slurm_restart"), int) and holder["slurm_restart"] < _restart_count()
+        if not dead and not requeued and age < STALE_AFTER_S:
             raise ConfigError(f"train.output_dir: {self.out} is in use by the run of pid {pid} on {host} (started "
                               f"{started}, {self.path}); wait for it to end or give another --output_dir")
-        why = f"pid {pid} is not running" if dead else f"not refreshed for {age:.0f} s"
+        why = (f"pid {pid} is not running" if dead else f"Slurm job {job} was requeued" if requeued
+               else f"not refreshed for {age:.0f} s")
         say(f"warning: taking over the stale lock {self.path} of pid {pid} on {host} ({why})")
         self.path.unlink(missing_ok=True)
 

@@ -30,3 +30,22 @@ def test_a_lock_from_another_host(tmp_path):
     (out / "run.lock").write_text("garbage")
     with pytest.raises(ConfigError, match="not a lock this program wrote"):
         run_lock.RunLock(out).acquire(print)
+
+
+def test_a_requeued_slurm_job_takes_its_earlier_lock(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.lock").write_text(json.dumps({"host": "node-a", "pid": 7, "started": "then", "slurm_job": "42",
+                                              "slurm_restart": 0}))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the same incarnation (another step of it): in use
+    with pytest.raises(ConfigError, match="in use by the run of pid 7 on node-a"):
+        run_lock.RunLock(out).acquire(print)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: the earlier run is over, wherever it ran
+    said = []
+    lock = run_lock.RunLock(out)
+    lock.acquire(said.append)
+    assert "Slurm job 42 was requeued" in said[0]
+    assert json.loads((out / "run.lock").read_text())["slurm_restart"] == 1
+    lock.release()
+
