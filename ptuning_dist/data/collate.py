@@ -68,6 +68,9 @@ def build_candidates(task: Task, tok, allowed_vocab: str | None, space_before: b
         for label, w in zip(names, words):
             if not w:
                 raise TemplateError(f"verbalizer of task {task.name}: {label!r} -> {task.verbalizer[label]!r} has no tokens")
+            if tok.unk_id is not None and tok.unk_id in w:
+                raise TemplateError(f"verbalizer of task {task.name}: {label!r} -> {task.verbalizer[label]!r} is not in "
+                                    "the tokenizer's vocabulary (it encodes as the unknown token)")
         if len({tuple(w) for w in words}) < len(words):
             raise TemplateError(f"verbalizer of task {task.name}: two labels have the same word {task.verbalizer}")
         if all(len(w) == 1 for w in words):  # the head scores K single tokens at the mask
@@ -90,7 +93,8 @@ def build_candidates(task: Task, tok, allowed_vocab: str | None, space_before: b
             raise DataError(f"data.allowed_vocab {path}: not a UTF-8 word list or JSON list ({e})") from None
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
             raise DataError(f"data.allowed_vocab {path}: a JSON word list must be a list of strings")
-    ids = sorted({t for w in words if (t := tok.single_token(w, space_before)) is not None})
+    # words the tokenizer does not know (the unknown token) are no candidates
+    ids = sorted({t for w in words if (t := tok.single_token(w, space_before)) is not None and t != tok.unk_id})
     if not ids:
         raise DataError(f"data.allowed_vocab {allowed_vocab!r}: no word is a single token of this tokenizer")
     return Candidates(ids)
