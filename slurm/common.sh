@@ -17,6 +17,10 @@
 #   nothing          | stopped (a STOP file made by hand)| exit 99, no requeue
 #   anything         | failed / finished                 | exit with the launcher's code
 #
+# A launcher that ends before its ranks (deepspeed's runner dies of a SIGTERM at once; a killed
+# torchrun leaves its workers, which then stop by themselves) is waited for: ptd_run waits, at most
+# PTD_STOP_WAIT_S (120) s, until no process with `--output_dir $OUTPUT_DIR` is left.
+#
 # The requeued job (same job id) starts this script again; `--resume auto` continues from the
 # newest good checkpoint.
 
@@ -130,6 +134,26 @@ ptd_stopped() {
   return 1
 }
 
+# True while a training process of this run still runs: one, other than this shell and its
+# children, whose command line has `--output_dir $OUTPUT_DIR` (a rank, deepspeed's launch.py; even
+# torchrun's workers, which sit in sessions of their own). Reads /proc (Linux) with builtins only.
+ptd_left_behind() {
+  local f line prev arg
+  local -a st
+  for f in /proc/[0-9]*; do
+    [[ ${f#/proc/} != "$$" ]] || continue
+    read -r line 2>/dev/null < "$f/stat" || continue
+    line=${line##*) }; read -r -a st <<< "$line"  # after "(comm)": state ppid ...
+    [[ ${st[0]} != Z && ${st[1]} != "$$" ]] || continue
+    prev=
+    while IFS= read -r -d '' arg; do
+      if [[ $prev == --output_dir && $arg == "$OUTPUT_DIR" ]]; then return 0; fi
+      prev=$arg
+    done 2>/dev/null < "$f/cmdline"
+  done
+  return 1
+}
+
 # Run the launcher "$@" until it ends (this shell's SIGUSR1/SIGTERM are stop requests: ptd_setup's
 # traps); exits the script (99 if training stopped on request, after requeueing on SIGUSR1).
 ptd_run() {
@@ -147,6 +171,17 @@ ptd_run() {
     wait "$!" || true  # returns early when a trapped signal arrives
   done
   wait "$pid" || rc=$?
+  if (( rc != 0 && rc != 99 )) && ptd_left_behind; then
+    # the launcher died first: deepspeed's runner dies of a SIGTERM at once while launch.py and the
+    # ranks still write the stop checkpoint (then STOPPED); a killed torchrun leaves its workers,
+    # which stop by themselves (train/stop.py). Leaving now would let Slurm kill them mid-write.
+    ptd_log "the launcher exited $rc but processes it started still run: waiting for them (at most ${PTD_STOP_WAIT_S:-120} s)"
+    local until=$(( SECONDS + ${PTD_STOP_WAIT_S:-120} ))
+    while ptd_left_behind && (( SECONDS < until )); do
+      sleep "${PTD_POLL_S:-2}" >/dev/null 2>&1 &
+      wait "$!" || true
+    done
+  fi
   if ! ptd_stopped "$rc" "$before"; then
     ptd_log "launcher exited $rc"
     exit "$rc"

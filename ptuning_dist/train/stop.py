@@ -13,6 +13,13 @@ steps already sync with the host, the others stay free of it. Stopping waits at 
 steps; the checkpoint is written atomically like any other, and ``--resume auto`` continues from it
 bit-identically. Rank 0 then writes ``<output_dir>/STOPPED`` (the step and the reason), so a batch
 script can tell a stop from a crash whatever exit code its launcher reports (torchrun: 1).
+
+A rank started by a launcher (``LOCAL_RANK`` set: torchrun, deepspeed) also stops so when that
+launcher dies without stopping it: killing deepspeed's runner alone (its launch.py and ranks ran
+on, orphaned) or a SIGKILLed torchrun agent (its workers sit in their own sessions). A daemon
+thread checks every ``WATCH_EVERY_S`` that the parent links are intact (this rank's parent; under
+deepspeed, also launch.py's parent, the runner) and only sets ``reason``. Not PR_SET_PDEATHSIG: it
+fires when the forking *thread* exits and cannot see the runner above launch.py.
 """
 from __future__ import annotations
 
@@ -29,6 +36,35 @@ EXIT_STOPPED = 99  # "stopped on request, checkpoint written: rerun with --resum
 STOP_FILE, STOPPED_FILE = "STOP", "STOPPED"
 REPEAT_KILLS_AFTER_S = 10.0
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+WATCH_EVERY_S = 1.0
+
+
+def _ppid(pid: int) -> int | None:
+    """The parent of ``pid`` (None: no such process)."""
+    if pid == os.getpid():
+        return os.getppid()
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def launcher_links() -> list[tuple[int, int]]:
+    """The (child, parent) links whose breaking means this rank's launcher is gone: none unless a
+    launcher started this process (``LOCAL_RANK``: not a plain or nohup'd ``python``, nor srun's
+    tasks, whose parent is slurmstepd); under deepspeed also launch.py -> the ``deepspeed`` runner."""
+    parent = os.getppid()
+    if "LOCAL_RANK" not in os.environ or parent <= 1:
+        return []
+    links = [(os.getpid(), parent)]
+    try:
+        launch_py = b"deepspeed.launcher.launch" in Path(f"/proc/{parent}/cmdline").read_bytes()
+    except OSError:
+        launch_py = False
+    runner = _ppid(parent) if launch_py else None
+    if runner is not None and runner > 1:
+        links.append((parent, runner))
+    return links
 
 
 class StopRequested(Exception):
@@ -50,16 +86,31 @@ class StopWatch:
         self._previous: dict[int, object] = {}
         self._first_signal_at = 0.0
         self._started = time.time()
+        self._done = threading.Event()
 
     def __enter__(self) -> "StopWatch":
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+        links = launcher_links()
+        if links:
+            threading.Thread(target=self._watch, args=(links,), name="ptd-launcher-watch", daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._done.set()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def _watch(self, links: list[tuple[int, int]]) -> None:
+        """Sets ``reason`` once a launcher in ``links`` is gone (its child was re-parented). No torch
+        calls, no sync: the next log step's ``agreed`` picks the request up as it does a signal's."""
+        while not self._done.wait(WATCH_EVERY_S):
+            for child, parent in links:
+                if _ppid(child) != parent:
+                    if self.reason is None:
+                        self.reason = f"the launcher (pid {parent}) is gone"
+                    return
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name

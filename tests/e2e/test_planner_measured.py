@@ -12,7 +12,7 @@ from ptuning_dist.planning.shape import ModelShape
 
 def test_planner_matches_measured_runs(tmp_path):
     """The planner's per-rank step and set-up peaks against real runs of benchmarks/layout_memory.py's
-    ZeRO-3 (TP and PP) and TP x PP layouts on a GPT-2-small-shaped backbone (12 x 768, fp32): within
+    ZeRO-3 (under TP) and TP x PP layouts on a GPT-2-small-shaped backbone (12 x 768, fp32): within
     10% on every rank, with the runtime measured as that benchmark's 'runtime B' (the same layout
     run with the 2 x 64 model, less what the planner predicts for it). The model's terms are 15-40% of
     the step peak here and ~55% of the set-up peak, so 10% of the peak allows them more (the printed
@@ -21,9 +21,10 @@ def test_planner_matches_measured_runs(tmp_path):
     import layout_memory as bench
 
     tiny, model = bench.build_backbone(tmp_path, tiny=True), bench.build_backbone(tmp_path, tiny=False)
-    layouts = [lay for lay in bench.LAYOUTS if "zero3" in lay[0]] + [lay for lay in bench.LAYOUTS
-                                                                     if lay[0] == "tp2 pp2 dp1"]
-    assert len(layouts) == 3
+    # ZeRO-3 under TP, and TP x PP: two of the benchmark's layouts (each is 2 four-rank runs, ~1 min
+    # apiece on 2 cores; benchmarks/RESULTS.md compares all eight, ZeRO-3 under PP included)
+    layouts = [lay for lay in bench.LAYOUTS if lay[0] in ("tp2 pp1 dp2, zero3", "tp2 pp2 dp1")]
+    assert len(layouts) == 2
     failures, table = [], []
     for name, world, flags in layouts:
         tp, pp, dp, partitioning = bench._layout(world, flags)
