@@ -34,17 +34,20 @@ class PieceTokenizer:
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 of what maps text to ids: a fast tokenizer's whole serialisation (vocabulary, merges,
-        normaliser, special tokens), else the sorted vocabulary and the special tokens. A tokenizer
-        with permuted ids gives another fingerprint, so a table or checkpoint made with it is refused."""
+        """SHA-256 of what maps text to ids: the vocabulary (token -> id, added tokens included), the
+        BPE merges and the special tokens, in a canonical order (not the serialisation itself, whose
+        layout changes across library versions). A tokenizer with permuted ids or other merges gives
+        another fingerprint, so a table or checkpoint made with it is refused."""
         if getattr(self, "_fingerprint", None) is None:
             import hashlib
             import json
 
             backend = getattr(self.hf, "backend_tokenizer", None)
-            text = backend.to_str() if backend is not None else json.dumps(
-                [sorted(self.hf.get_vocab().items()), list(self.hf.all_special_tokens)])
-            self._fingerprint = hashlib.sha256(text.encode()).hexdigest()
+            merges = json.loads(backend.to_str()).get("model", {}).get("merges", []) if backend is not None else []
+            merges = [m if isinstance(m, str) else " ".join(m) for m in merges]  # both layouts tokenizers wrote
+            canon = {"vocab": sorted(self.hf.get_vocab().items()), "merges": merges,
+                     "special": {k: str(v) for k, v in self.hf.special_tokens_map.items()}}
+            self._fingerprint = hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()
         return self._fingerprint
 
     @classmethod
