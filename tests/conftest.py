@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# One ninja for this process and every one it starts (compat/build_lock.py: two ninjas rebuild the
+# JIT extensions whenever processes alternate between them)
+from ptuning_dist.compat.build_lock import use_interpreter_ninja  # noqa: E402
+
+use_interpreter_ninja()
+
 FEWGLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fewglue"
 
 

@@ -22,6 +22,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def quiet_libraries() -> None:
+    from ptuning_dist.compat.build_lock import use_interpreter_ninja
+
+    use_interpreter_ninja()  # before DeepSpeed builds its comm op: one ninja for every process
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 

@@ -8,6 +8,13 @@ here). A build takes under a minute, so a lock older than ``PTUNING_BUILD_LOCK_S
 waited for, up to that age, then removed likewise. Check-and-remove runs under ``flock`` on a
 side file (released by the kernel if its holder dies, so it cannot go stale itself): a rank
 that waited on it sees the lock a peer has just re-created for a live build, and leaves it.
+
+One ninja for every process (``use_interpreter_ninja``): torch runs whichever ``ninja`` PATH finds
+first. A venv holds pip's (1.13 here) and the system another (1.11); ninja 1.12 changed the hash it
+records for each build command, so processes that find different ones (a launcher that puts the
+venv's bin first, a ``.venv/bin/python`` that does not) call every extension's command "changed"
+and rebuild it whenever they alternate: about a minute per extension per switch (seen: CI 9 min
+slower). The interpreter's own bin directory goes first on PATH, as an activated venv has it.
 """
 from __future__ import annotations
 
@@ -85,16 +92,29 @@ def clear_stale_lock(build_dir: Path, stale_s: float | None = None, wait: bool =
 def clear_stale_locks(root: Path | None = None, stale_s: float | None = None) -> list[Path]:
     """Remove every stale ``<root>/<name>/lock`` without waiting on young ones (called before
     DeepSpeed builds its comm op, which goes straight to torch's unbounded wait)."""
+    use_interpreter_ninja()  # and the same ninja as every other process
     root = build_root() if root is None else root
     if not root.is_dir():
         return []
     return [d for d in sorted(root.iterdir()) if (d / "lock").exists() and clear_stale_lock(d, stale_s, wait=False)]
 
 
+def use_interpreter_ninja() -> None:
+    """Put the directory of this interpreter (a venv's ``bin``) first on PATH when it holds a ninja
+    (module docstring); processes started from here inherit it."""
+    import sys
+
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if (Path(bindir) / "ninja").is_file() and path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + os.pathsep + path
+
+
 def load(name: str, sources: list[str], **kwargs):
     """``torch.utils.cpp_extension.load`` after making sure its lock cannot hang us forever."""
     from torch.utils.cpp_extension import load as torch_load
 
+    use_interpreter_ninja()
     build_dir = build_root() / name
     if build_dir.is_dir():
         clear_stale_lock(build_dir)

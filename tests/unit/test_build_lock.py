@@ -84,3 +84,22 @@ def test_splice_kernel_loads_despite_a_killed_builds_lock(tmp_path):
     assert res.returncode == 0 and "LOADED" in res.stdout, res.stdout + res.stderr
     assert "stale build lock" in res.stderr
     assert not (ext_dir / built.name / "lock").exists()
+
+
+def test_every_process_finds_the_interpreters_ninja(monkeypatch):
+    """A venv's pip ninja and the system's hash build commands differently (ninja 1.12 changed it):
+    a process whose PATH finds the other one would rebuild every JIT extension. After the call, the
+    interpreter's own bin directory (where pip put ninja) comes first, once."""
+    import shutil
+    import sys
+
+    from ptuning_dist.compat import build_lock
+
+    bindir = Path(sys.executable).parent
+    if not (bindir / "ninja").is_file():
+        pytest.skip(f"no ninja beside {sys.executable} (the test extra installs one into the venv)")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # what a plain .venv/bin/python run gets
+    build_lock.use_interpreter_ninja()
+    build_lock.use_interpreter_ninja()
+    assert shutil.which("ninja") == str(bindir / "ninja")
+    assert os.environ["PATH"] == f"{bindir}:/usr/bin:/bin"
