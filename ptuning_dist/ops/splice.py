@@ -21,7 +21,8 @@ of the prompt table), built without a host sync by :func:`slot_map` from the col
   one rank writes the prompt rows, so the following all-reduce sums each row once).
 
 ``pos_weight_TH`` (a learned position table, megatron's GPT-2 style) adds row ``pos_offset + s`` to
-every position written (under TP pass it on the prompt-writing rank only). ``seq_first`` writes
+every position written (under TP pass it on the prompt-writing rank only); with ``position_BS`` (a
+packed batch's per-token position ids, data/packing.py) row ``position_BS[b, s]`` instead. ``seq_first`` writes
 [S, B, H] (megatron's layout) instead of [B, S, H]. ``seq_start``/``seq_len`` write only the
 sequence chunk [seq_start, seq_start + seq_len) (sequence parallelism with a replicated table: each
 rank writes its own chunk, its positions counted from ``seq_start``). The backward gives the
@@ -84,13 +85,14 @@ def slot_map(prompt_rows_N: Tensor, prompt_pos_N: Tensor, prompt_slots_N: Tensor
 def splice(ids_BS: Tensor, slot_BS: Tensor, weight_VH: Tensor, table_MH: Tensor, vocab_start: int = 0,
            write_prompt: bool = True, seq_first: bool = False, pos_weight_TH: Tensor | None = None,
            seq_start: int = 0, seq_len: int | None = None, backend: str = "fused",
-           vocab_size: int | None = None) -> Tensor:
+           vocab_size: int | None = None, position_BS: Tensor | None = None) -> Tensor:
     """embeds_BLH (or _LBH with ``seq_first``) in the weight's dtype, L = ``seq_len`` (default: to the
     end of the sequence); see the module docstring. Shapes are checked here, on the host.
     ``vocab_size``: the whole vocabulary (default: this table's rows from ``vocab_start``); an id
     outside it is an error (a shard writes zeros for ids of the other shards, so without this
     check an id past the vocabulary would silently be a zero vector). On CUDA the check is
-    ``torch._assert_async``: a device-side assert, no host sync; on CPU a scan of the B x S ids."""
+    ``torch._assert_async``: a device-side assert, no host sync; on CPU a scan of the B x S ids.
+    ``position_BS``: per-token rows of ``pos_weight_TH`` (checked in range the same way)."""
     if backend not in BACKENDS:
         raise ValueError(f"splice backend {backend!r}: expected one of {BACKENDS}")
     S = ids_BS.shape[1]
@@ -100,17 +102,30 @@ def splice(ids_BS: Tensor, slot_BS: Tensor, weight_VH: Tensor, table_MH: Tensor,
     if slot_BS.shape != ids_BS.shape:
         raise ValueError(f"splice: slot map {tuple(slot_BS.shape)} != ids {tuple(ids_BS.shape)}")
     if pos_weight_TH is not None:
-        if pos_weight_TH.shape[0] < seq_start + seq_len or pos_weight_TH.shape[1:] != weight_VH.shape[1:] \
+        short = position_BS is None and pos_weight_TH.shape[0] < seq_start + seq_len  # per-token: checked below
+        if short or pos_weight_TH.shape[1:] != weight_VH.shape[1:] \
                 or pos_weight_TH.dtype != weight_VH.dtype:
             raise ValueError(f"splice: position table {tuple(pos_weight_TH.shape)} {pos_weight_TH.dtype} cannot serve "
                              f"positions up to {seq_start + seq_len} of a {tuple(weight_VH.shape)} {weight_VH.dtype} table")
         pos_weight_TH = pos_weight_TH.detach()
+    if position_BS is not None:
+        if pos_weight_TH is None:
+            position_BS = None  # RoPE, or a TP rank that adds no positions: the ids carry no position
+        elif position_BS.shape != ids_BS.shape:
+            raise ValueError(f"splice: positions {tuple(position_BS.shape)} != ids {tuple(ids_BS.shape)}")
+        else:
+            T = pos_weight_TH.shape[0]
+            torch._assert_async(((position_BS >= 0) & (position_BS < T)).all(),
+                                f"splice: a position id is outside the position table [0, {T})")
     V = int(vocab_start) + weight_VH.shape[0] if vocab_size is None else int(vocab_size)
     torch._assert_async(((ids_BS >= 0) & (ids_BS < V)).all(), f"splice: a token id is outside the vocabulary [0, {V})")
     if (seq_start, seq_len) != (0, S):  # a small int copy of the chunk's ids and slots (B x L)
         ids_BS, slot_BS = ids_BS[:, seq_start:seq_start + seq_len], slot_BS[:, seq_start:seq_start + seq_len]
+        if position_BS is not None:
+            position_BS = position_BS[:, seq_start:seq_start + seq_len]
     return torch.ops.ptuning.splice(ids_BS, slot_BS, weight_VH.detach(), int(vocab_start), table_MH,
-                                    bool(write_prompt), bool(seq_first), pos_weight_TH, int(seq_start), backend)
+                                    bool(write_prompt), bool(seq_first), pos_weight_TH, int(seq_start), backend,
+                                    position_BS)
 
 
 @functools.cache
@@ -161,7 +176,8 @@ def _load_cpu():
 
 # ---- the op's reference backend (pure torch, no data-dependent shapes) ----
 
-def _reference_fwd(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first, pos_TH, pos_offset):
+def _reference_fwd(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first, pos_TH, pos_offset,
+                   position_BS=None):
     V, M = weight_VH.shape[0], table_MH.shape[0]
     v_BS = ids_BS - vocab_start
     local_BS1 = ((v_BS >= 0) & (v_BS < V)).unsqueeze(-1)
@@ -172,7 +188,9 @@ def _reference_fwd(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prom
         out_BSH = torch.where(slot_BS.unsqueeze(-1) >= 0, rows_BSH, out_BSH)
     else:
         out_BSH = torch.where(slot_BS.unsqueeze(-1) >= 0, zero, out_BSH)
-    if pos_TH is not None:
+    if pos_TH is not None and position_BS is not None:
+        out_BSH = out_BSH + F.embedding(position_BS, pos_TH)
+    elif pos_TH is not None:
         out_BSH = out_BSH + pos_TH[pos_offset:pos_offset + ids_BS.shape[1]].unsqueeze(0)
     return out_BSH.transpose(0, 1).contiguous() if seq_first else out_BSH
 
@@ -195,21 +213,24 @@ def _reference_bwd(grad, slot_BS, num_slots, seq_first):
 @torch.library.custom_op("ptuning::splice", mutates_args=())
 def _splice_op(ids_BS: Tensor, slot_BS: Tensor, weight_VH: Tensor, vocab_start: int, table_MH: Tensor,
                write_prompt: bool, seq_first: bool, pos_weight_TH: Tensor | None, pos_offset: int,
-               backend: str) -> Tensor:
+               backend: str, position_BS: Tensor | None = None) -> Tensor:
     args = (ids_BS.contiguous(), slot_BS.contiguous(), weight_VH.contiguous(), vocab_start)
     pos = None if pos_weight_TH is None else pos_weight_TH.contiguous()
+    tok_pos = None if position_BS is None or pos is None else position_BS.contiguous().long()
     kind = _pick(ids_BS.device, backend)
     if kind == "reference":
-        return _reference_fwd(*args, table_MH, write_prompt, seq_first, pos, pos_offset)
+        return _reference_fwd(*args, table_MH, write_prompt, seq_first, pos, pos_offset, tok_pos)
     table_MH = table_MH.float().contiguous()
-    if kind == "cpu":  # no position table: an empty one
+    if kind == "cpu":  # no position table / per-token positions: empty ones
         return _cpu_ext.splice_fwd(*args, table_MH, write_prompt, seq_first,
-                                   weight_VH.new_empty((0,)) if pos is None else pos, pos_offset)
-    return _triton().forward(*args, table_MH, write_prompt, seq_first, pos, pos_offset)
+                                   weight_VH.new_empty((0,)) if pos is None else pos, pos_offset,
+                                   ids_BS.new_empty((0,)) if tok_pos is None else tok_pos)
+    return _triton().forward(*args, table_MH, write_prompt, seq_first, pos, pos_offset, tok_pos)
 
 
 @_splice_op.register_fake
-def _(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first, pos_weight_TH, pos_offset, backend):
+def _(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first, pos_weight_TH, pos_offset, backend,
+      position_BS=None):
     (B, S), H = ids_BS.shape, weight_VH.shape[1]
     return weight_VH.new_empty((S, B, H) if seq_first else (B, S, H))
 
@@ -231,7 +252,7 @@ def _(grad_out, slot_BS, num_slots, seq_first, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    _, slot_BS, _, _, table_MH, _, seq_first, _, _, backend = inputs
+    _, slot_BS, _, _, table_MH, _, seq_first, _, _, backend, _ = inputs
     ctx.save_for_backward(slot_BS)
     ctx.num_slots, ctx.table_dtype, ctx.seq_first, ctx.backend = table_MH.shape[0], table_MH.dtype, seq_first, backend
 
@@ -242,7 +263,7 @@ def _backward(ctx, grad_out):
         (slot_BS,) = ctx.saved_tensors
         grad_table = torch.ops.ptuning.splice_table_grad(grad_out, slot_BS, ctx.num_slots, ctx.seq_first,
                                                          ctx.backend).to(ctx.table_dtype)
-    return None, None, None, None, grad_table, None, None, None, None, None
+    return None, None, None, None, grad_table, None, None, None, None, None, None
 
 
 _splice_op.register_autograd(_backward, setup_context=_setup_context)

@@ -90,16 +90,23 @@ torch::Tensor empty_output(at::IntArrayRef sizes, const torch::TensorOptions& op
 }  // namespace
 
 // Row p of the output: its vocabulary row, zeros, or its prompt row (cast to the weight's dtype),
-// then, with a position table, + pos[pos_offset + s] computed in fp32 and rounded once, as torch adds
-// two tensors of the weight's dtype (so the result is bit-equal to lookup, insert, then add).
+// then, with a position table, + pos[pos_offset + s] (with per-token positions tok_pos: + pos[tok_pos[p]])
+// computed in fp32 and rounded once, as torch adds two tensors of the weight's dtype (so the result is
+// bit-equal to lookup, insert, then add).
 torch::Tensor splice_fwd(torch::Tensor ids, torch::Tensor slot, torch::Tensor weight, int64_t vocab_start,
                          torch::Tensor table, bool write_prompt, bool seq_first, torch::Tensor pos,
-                         int64_t pos_offset) {
+                         int64_t pos_offset, torch::Tensor tok_pos) {
   const int64_t B = ids.size(0), S = ids.size(1), P = B * S;
   const int64_t V = weight.size(0), H = weight.size(1), M = table.size(0);
-  const bool has_pos = pos.numel() > 0;
+  const bool has_pos = pos.numel() > 0, per_token = has_pos && tok_pos.numel() > 0;
   TORCH_CHECK(!has_pos || (pos.scalar_type() == weight.scalar_type() && pos.size(1) == H &&
-                           pos.size(0) >= pos_offset + S), "splice: bad position table");
+                           (per_token || pos.size(0) >= pos_offset + S)), "splice: bad position table");
+  TORCH_CHECK(!per_token || (tok_pos.numel() == P && tok_pos.scalar_type() == at::kLong),
+              "splice: per-token positions must be int64 with one per id");
+  const int64_t* tp = per_token ? tok_pos.data_ptr<int64_t>() : nullptr;
+  if (per_token)
+    for (int64_t p = 0; p < P; ++p)
+      TORCH_CHECK(tp[p] >= 0 && tp[p] < pos.size(0), "splice: position ", tp[p], " outside the table");
   auto out = seq_first ? empty_output({S, B, H}, weight.options()) : empty_output({B, S, H}, weight.options());
   const int64_t* id = ids.data_ptr<int64_t>();
   const float* tab = table.data_ptr<float>();
@@ -118,7 +125,7 @@ torch::Tensor splice_fwd(torch::Tensor ids, torch::Tensor slot, torch::Tensor we
           const int64_t v = id[p] - vocab_start;
           const bool prompt = s >= 0, local = !prompt && v >= 0 && v < V;
           if (has_pos) {  // one pass: (row or zero) + position
-            const scalar_t* q = pe + (pos_offset + p % S) * H;
+            const scalar_t* q = pe + (per_token ? tp[p] : pos_offset + p % S) * H;
             if (prompt && write_prompt) {
               const float* src = tab + s * H;
               for (int64_t h = 0; h < H; ++h)

@@ -15,9 +15,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _splice_fwd_kernel(ids_ptr, slot_ptr, w_ptr, tab_ptr, pos_ptr, out_ptr, vocab_start, pos_offset, V, M, B, S, H,
-                       WRITE_PROMPT: tl.constexpr, SEQ_FIRST: tl.constexpr, HAS_POS: tl.constexpr,
-                       BLOCK_H: tl.constexpr):
+def _splice_fwd_kernel(ids_ptr, slot_ptr, w_ptr, tab_ptr, pos_ptr, tokpos_ptr, out_ptr, vocab_start, pos_offset, V, M,
+                       B, S, H, WRITE_PROMPT: tl.constexpr, SEQ_FIRST: tl.constexpr, HAS_POS: tl.constexpr,
+                       PER_TOKEN: tl.constexpr, BLOCK_H: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = offs < H
@@ -35,7 +35,11 @@ def _splice_fwd_kernel(ids_ptr, slot_ptr, w_ptr, tab_ptr, pos_ptr, out_ptr, voca
     else:
         row = tl.where(prompt, tl.zeros_like(row), row)
     if HAS_POS:  # in fp32, rounded once to the output dtype (as torch adds two bf16 tensors)
-        pe = tl.load(pos_ptr + (pos_offset + p % S) * H + offs, mask=hmask, other=0.0)
+        if PER_TOKEN:  # a packed batch: each token's own position id
+            q = tl.load(tokpos_ptr + p)
+        else:
+            q = pos_offset + p % S
+        pe = tl.load(pos_ptr + q * H + offs, mask=hmask, other=0.0)
         row = (row.to(tl.float32) + pe.to(tl.float32)).to(row.dtype)
     if SEQ_FIRST:
         r = (p % S) * B + p // S
@@ -69,15 +73,17 @@ def _block_h(H: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(max(H, 1))))
 
 
-def forward(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first, pos_TH, pos_offset):
+def forward(ids_BS, slot_BS, weight_VH, vocab_start, table_MH, write_prompt, seq_first, pos_TH, pos_offset,
+            position_BS=None):
     (B, S), (V, H) = ids_BS.shape, weight_VH.shape
     out = weight_VH.new_empty((S, B, H) if seq_first else (B, S, H))
     if B * S and H:
         bh = _block_h(H)
         _splice_fwd_kernel[(B * S, triton.cdiv(H, bh))](
-            ids_BS, slot_BS, weight_VH, table_MH.float().contiguous(), weight_VH if pos_TH is None else pos_TH, out,
-            vocab_start, pos_offset, V, table_MH.shape[0], B, S, H, WRITE_PROMPT=write_prompt, SEQ_FIRST=seq_first,
-            HAS_POS=pos_TH is not None, BLOCK_H=bh)
+            ids_BS, slot_BS, weight_VH, table_MH.float().contiguous(), weight_VH if pos_TH is None else pos_TH,
+            ids_BS if position_BS is None else position_BS, out, vocab_start, pos_offset, V, table_MH.shape[0], B, S,
+            H, WRITE_PROMPT=write_prompt, SEQ_FIRST=seq_first, HAS_POS=pos_TH is not None,
+            PER_TOKEN=pos_TH is not None and position_BS is not None, BLOCK_H=bh)
     return out
 
 

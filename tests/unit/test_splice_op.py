@@ -142,12 +142,15 @@ def test_backward_same_bits_every_run_and_thread_count(backend):
     assert all(torch.equal(gts[0], g) for g in gts[1:])
 
 
-def unfused(ids, plan, W, table, grad, pos=None, seq_start=0, seq_len=None, seq_first=False):
-    """What the op replaces, step by step: look up, insert the prompt rows, add positions, cut the
-    chunk, transpose (megatron's layout); the table gradient through autograd."""
+def unfused(ids, plan, W, table, grad, pos=None, seq_start=0, seq_len=None, seq_first=False, position=None):
+    """What the op replaces, step by step: look up, insert the prompt rows, add positions (each
+    token's own with ``position``), cut the chunk, transpose (megatron's layout); the table gradient
+    through autograd."""
     t = table.clone().requires_grad_(True)
     out = splice_reference(ids, *plan, W, t)
-    if pos is not None:
+    if pos is not None and position is not None:
+        out = out + pos[position]
+    elif pos is not None:
         out = out + pos[: ids.shape[1]].unsqueeze(0)
     end = ids.shape[1] if seq_len is None else seq_start + seq_len
     out = out[:, seq_start:end]
@@ -180,6 +183,57 @@ def test_positions_fused_bit_exact(backend, dtype):
     o0 = splice(ids, slot_map(*plan, 4, 33), W[: V // 2], table, 0, True, True, pos, backend=backend, vocab_size=V)
     o1 = splice(ids, slot_map(*plan, 4, 33), W[V // 2:], table, V // 2, False, True, backend=backend, vocab_size=V)
     assert torch.equal(o0 + o1, ref)
+
+
+def packed_positions(B, S, seed=0):
+    """Position ids as a packed batch has them: each row restarts at a random offset (a shared
+    prefix, then segments counting on from its end), padding at position 0."""
+    g = torch.Generator().manual_seed(seed)
+    position = torch.zeros(B, S, dtype=torch.long)
+    for b in range(B):
+        c, P = 0, int(torch.randint(0, S // 2 + 1, (1,), generator=g))
+        position[b, :P] = torch.arange(P)
+        c = P
+        while c < S - 1:
+            n = int(torch.randint(1, S - c, (1,), generator=g))
+            position[b, c:c + n] = torch.arange(P, P + n)
+            c += n
+    return position
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_positions_bit_exact(backend, dtype):
+    """A packed batch's own position per token (learned positions): the same bits as looking up,
+    inserting, then adding ``pos[position_BS]``; batch-first and [s, b, h], TP shards, a chunk."""
+    B, S, H = 4, 21, 24
+    ids, plan, W, table, _ = make_case(41, B, S, 50, H, 5, dtype=dtype)
+    pos = torch.randn(30, H).to(dtype)
+    position = packed_positions(B, S, seed=3)
+    for seq_first in (False, True):
+        g = torch.randn(*((S, B) if seq_first else (B, S)), H).to(dtype)
+        ref, ref_gt = unfused(ids, plan, W, table, g, pos=pos, seq_first=seq_first, position=position)
+        t = table.clone().requires_grad_(True)
+        out = splice(ids, slot_map(*plan, B, S), W, t, seq_first=seq_first, pos_weight_TH=pos, backend=backend,
+                     position_BS=position)
+        out.backward(g)
+        assert torch.equal(out, ref), seq_first
+        if dtype == torch.float32:
+            assert torch.equal(t.grad, ref_gt)
+    V = W.shape[0]  # TP=2: positions on the prompt-writing rank only; the other ignores position_BS
+    o0 = splice(ids, slot_map(*plan, B, S), W[: V // 2], table, 0, True, True, pos, backend=backend, vocab_size=V,
+                position_BS=position)
+    o1 = splice(ids, slot_map(*plan, B, S), W[V // 2:], table, V // 2, False, True, backend=backend, vocab_size=V,
+                position_BS=position)
+    ref = unfused(ids, plan, W, table, torch.zeros(S, B, H, dtype=dtype), pos=pos, seq_first=True, position=position)[0]
+    assert torch.equal(o0 + o1, ref)
+    chunk = splice(ids, slot_map(*plan, B, S), W, table, seq_first=True, pos_weight_TH=pos, seq_start=7, seq_len=7,
+                   backend=backend, position_BS=position)
+    assert torch.equal(chunk, ref[7:14])
+    with pytest.raises(RuntimeError, match="position id is outside"):
+        splice(ids, slot_map(*plan, B, S), W, table, pos_weight_TH=pos[:5], backend=backend, position_BS=position)
+    with pytest.raises(ValueError, match="positions"):
+        splice(ids, slot_map(*plan, B, S), W, table, pos_weight_TH=pos, backend=backend, position_BS=position[:, :3])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -269,6 +323,8 @@ def test_opcheck(backend, seq_first):
             args = (ids, slot_map(*plan, 3, 7), w, vocab_start, table.clone().requires_grad_(True), write_prompt,
                     seq_first, pos, 2 if pos is not None else 0, backend)
             torch.library.opcheck(torch.ops.ptuning.splice.default, args)
+            if pos is not None:  # per-token positions
+                torch.library.opcheck(torch.ops.ptuning.splice.default, args + (packed_positions(3, 7),))
 
 
 def test_cpu_build_failure_falls_back_once(monkeypatch):
@@ -330,6 +386,19 @@ TRITON_SCRIPT = textwrap.dedent("""
                          seq_first=True)[1]
         torch.testing.assert_close(t.grad, ref_gt, rtol=0, atol=0 if dtype == torch.float32 else 1e-5)
     torch.library.opcheck(torch.ops.ptuning.splice.default, args)
+    from tests.unit.test_splice_op import packed_positions
+    for dtype in (torch.float32, torch.bfloat16):  # per-token positions (a packed batch)
+        ids, plan, W, table, _ = make_case(9, 3, 10, 30, 20, 4, dtype=dtype)
+        pos, position = torch.randn(12, 20).to(dtype), packed_positions(3, 10, seed=1)
+        for seq_first in (False, True):
+            g = torch.randn(*((10, 3) if seq_first else (3, 10)), 20).to(dtype)
+            ref, _ = unfused(ids, plan, W, table, g, pos=pos, seq_first=seq_first, position=position)
+            out = splice(ids, slot_map(*plan, 3, 10), W, table, seq_first=seq_first, pos_weight_TH=pos,
+                         backend="triton", position_BS=position)
+            if dtype == torch.float32:
+                assert torch.equal(out, ref)
+            else:  # two bf16 roundings (table cast, sum) that the interpreter emulates in numpy
+                torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
     print("TRITON_OK")
 """)
 
