@@ -115,9 +115,9 @@ class DataConfig(Section):
     packing: Packing = "auto"
     """'on': each forward is packed (data/packing.py): the rows' shared prefix (the leading prompt
     tokens and anchors every row has) computed once, several rows per sequence of at most
-    max_seq_len positions, no padding; same loss, less work. 'off': rows padded to the longest of
-    their micro-batch. 'auto': 'on' with the hf backend, 'off' with megatron (its attention takes no
-    packed mask yet)."""
+    max_seq_len positions, no padding; same loss, less work; both backends, any TP and PP (under
+    PP a step's packed forwards are padded to one shape). 'off': rows padded to the longest of
+    their micro-batch. 'auto': 'on'."""
     batching: Batching = "mixed"
     """'mixed': each step samples from all rows; 'by_group': each step's global batch comes from one
     prompt group (groups take turns, each with its own shuffled stream), as separate per-relation
@@ -259,13 +259,11 @@ class RunConfig:
                      "give none with several tasks: each task uses its own template")
             _require(self.prompt.sharing == "per_group", "prompt.sharing",
                      "several tasks have several templates: each needs its own prompt (per_group)")
-        _require(not (self.data.packing == "on" and self.model.backend == "megatron"), "data.packing",
-                 "'on' needs model.backend = hf (megatron's attention takes no packed mask yet); use auto or off")
 
     @property
     def pack_to(self) -> int | None:
         """The packed sequence length (collate's ``pack_to``), or None when micro-batches are padded."""
-        return self.data.max_seq_len if self.data.packing != "off" and self.model.backend == "hf" else None
+        return self.data.max_seq_len if self.data.packing != "off" else None
 
     def resolve_steps(self, n_train: int) -> int:
         """Fix train.max_steps from train.epochs (or the 300-step default) once the training rows and

@@ -43,9 +43,10 @@ class FrozenLM(nn.Module):
         inputs = None  # a later pipeline stage starts from the activations it received
         if self.backbone.is_first_stage:  # the backbone's input layout: [b, s, h] (HF) or [s, b, h] (megatron)
             if self.splice_kind == "fused":
-                inputs = self.backbone.splice(ids_BS, slot_BS, table_MH)
+                inputs = self.backbone.splice(ids_BS, slot_BS, table_MH, position_BS)
             else:  # the oracle: look up every token, then insert the prompt rows
-                inputs = self.backbone.reference_splice(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH)
+                inputs = self.backbone.reference_splice(ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH,
+                                                        position_BS)
         hidden = self.backbone.hidden_at(inputs, attention_mask_BS, target_pos_E, target_row_E, position_BS, segment_BS)
         if not self.backbone.is_last_stage:
             return hidden

@@ -25,10 +25,13 @@ class Backbone(Protocol):
     @property
     def dtype(self) -> torch.dtype: ...
 
-    def splice(self, ids_BS: torch.Tensor, slot_BS: torch.Tensor, table_MH: torch.Tensor) -> torch.Tensor:
-        """The backbone's input by the fused op: word rows, prompt-table rows at prompt slots."""
+    def splice(self, ids_BS: torch.Tensor, slot_BS: torch.Tensor, table_MH: torch.Tensor,
+               position_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone's input by the fused op: word rows, prompt-table rows at prompt slots (and
+        learned positions, where the backbone adds them there: per token for a packed batch)."""
 
-    def reference_splice(self, ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH) -> torch.Tensor:
+    def reference_splice(self, ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH,
+                         position_BS=None) -> torch.Tensor:
         """The same input, the oracle way: look every token up, then insert the prompt rows."""
 
     def hidden_at(self, inputs: torch.Tensor | None, attention_mask_BS: torch.Tensor, target_pos_E: torch.Tensor,

@@ -83,13 +83,15 @@ class HFBackbone(nn.Module):
         params = [self.model.get_input_embeddings().weight, head.weight] + ([head.bias] if head.bias is not None else [])
         return list({id(p): p for p in params}.values())
 
-    def splice(self, ids_BS, slot_BS, table_MH) -> torch.Tensor:
-        """embeds_BSH by the fused op (``ptuning::splice``): every row written once."""
+    def splice(self, ids_BS, slot_BS, table_MH, position_BS=None) -> torch.Tensor:
+        """embeds_BSH by the fused op (``ptuning::splice``): every row written once. Positions are
+        the model's own (``hidden_at`` passes a packed batch's ``position_BS`` as position ids)."""
         from ptuning_dist.ops.splice import splice
 
         return splice(ids_BS, slot_BS, self.word_embeddings_VH, table_MH)
 
-    def reference_splice(self, ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH) -> torch.Tensor:
+    def reference_splice(self, ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH,
+                         position_BS=None) -> torch.Tensor:
         """The oracle: look up every token, then insert the prompt rows."""
         from ptuning_dist.ops.splice import splice_reference
 

@@ -68,23 +68,35 @@ class MegatronBackbone(nn.Module):
         """This stage's layers. First stage: ``inputs_SBH`` is the decoder input the splice wrote
         (word or prompt rows plus learned positions, [s, b, h]; RoPE is applied inside attention);
         later stages read the received activations (``inputs_SBH`` is None). Last stage: the hidden
-        state at the targets (E x H, one example per row here), else the [s, b, h] activations for
-        the next stage. Right padding lies after every target, so the causal mask alone is exact
-        there. Packed batches are refused (``RunConfig.pack_to`` packs on the hf backend only)."""
-        if position_BS is not None or segment_BS is not None:
-            raise ConfigError("data.packing: the megatron backend takes no packed batch (its attention gets no "
-                              "packed mask yet); use --packing off or auto")
+        state at the targets (E x H; ``target_row_E`` says which row holds each), else the [s, b, h]
+        activations for the next stage.
+
+        Padded batches: right padding lies after every target, so the causal mask alone is exact.
+        Packed batches (``position_BS``/``segment_BS``, data/packing.py): megatron-core's local
+        attention takes the packed mask (prefix + own row, causal in position; True = masked, as
+        megatron's ``attention_mask_func`` fills it) as a [b, 1, s, s] tensor, no Transformer Engine
+        needed; RoPE rotates each token by its own position (the [s, 1, 1, d] frequencies indexed
+        per token: [s, b, 1, d], which megatron's unfused bshd rotation broadcasts over heads).
+        Every stage builds the same mask from the same loader tensors, so nothing more is sent down
+        the pipeline. Cost: a B x S x S boolean mask per forward (on the device)."""
         B, S = attention_mask_BS.shape
         device = attention_mask_BS.device
         rope = self.gpt.rotary_pos_emb(S) if self.gpt.position_embedding_type == "rope" else None
-        causal = torch.triu(torch.ones(1, 1, S, S, dtype=torch.bool, device=device), diagonal=1)
+        if position_BS is not None:
+            from ptuning_dist.data.packing import packed_attention_mask
+
+            masked = ~packed_attention_mask(position_BS, segment_BS)
+            if rope is not None:  # positions < S: a token's position never exceeds its column
+                rope = rope[:, 0][position_BS.t()]
+        else:
+            masked = torch.triu(torch.ones(1, 1, S, S, dtype=torch.bool, device=device), diagonal=1)
         hidden_SBH = self.gpt.decoder(hidden_states=inputs_SBH if self.is_first_stage else None,
-                                      attention_mask=causal, rotary_pos_emb=rope)
+                                      attention_mask=masked, rotary_pos_emb=rope)
         if not self.is_last_stage:
             return hidden_SBH
         if target_row_E is None:
             target_row_E = torch.arange(B, device=device)
-        return hidden_SBH[target_pos_E, target_row_E]  # several targets per row: candidate scoring
+        return hidden_SBH[target_pos_E, target_row_E]  # several targets per row: packing, candidate scoring
 
     def external_weights(self) -> list[nn.Parameter]:
         """Weights read as tensors, not through their module's forward (the vocabulary-parallel
@@ -120,11 +132,13 @@ class MegatronBackbone(nn.Module):
     def _position_table(self) -> torch.Tensor | None:
         return None if self.gpt.position_embedding_type == "rope" else self.gpt.embedding.position_embeddings.weight
 
-    def reference_splice(self, ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH) -> torch.Tensor:
+    def reference_splice(self, ids_BS, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH,
+                         position_BS=None) -> torch.Tensor:
         """The oracle path, step by step: each TP rank looks up the ids in its vocabulary shard
         (zeros elsewhere), a sum over TP gives every rank the full word embeddings, the prompt rows
-        are inserted, learned positions added, then [b, s, h] -> [s, b, h]. The table is frozen, so
-        the all-reduce needs no gradient path (the prompt rows come after it)."""
+        are inserted, learned positions added (a packed batch's: ``position_BS``), then [b, s, h] ->
+        [s, b, h]. The table is frozen, so the all-reduce needs no gradient path (the prompt rows
+        come after it)."""
         from megatron.core import parallel_state as ps
 
         weight = self.gpt.embedding.word_embeddings.weight.detach()
@@ -135,15 +149,18 @@ class MegatronBackbone(nn.Module):
             torch.distributed.all_reduce(embeds_BSH, group=ps.get_tensor_model_parallel_group())
         embeds_BSH = insert_prompt_rows(embeds_BSH, prompt_rows_N, prompt_pos_N, prompt_slots_N, table_MH)
         pos_TH = self._position_table()
-        if pos_TH is not None:
+        if pos_TH is not None and position_BS is not None:
+            embeds_BSH = embeds_BSH + F.embedding(position_BS, pos_TH.detach())
+        elif pos_TH is not None:
             embeds_BSH = embeds_BSH + pos_TH.detach()[: ids_BS.shape[1]].unsqueeze(0)
         return embeds_BSH.transpose(0, 1).contiguous()
 
-    def splice(self, ids_BS, slot_BS, table_MH) -> torch.Tensor:
+    def splice(self, ids_BS, slot_BS, table_MH, position_BS=None) -> torch.Tensor:
         """The decoder input [s, b, h] in one pass of the fused op over this TP rank's vocabulary
         shard: its own vocabulary rows (zeros elsewhere), and on TP rank 0 only the prompt rows
-        and the learned positions; then a sum over TP (backward: the identity, so every TP rank
-        computes the same table gradient). Bit-equal to ``reference_splice``."""
+        and the learned positions (per token for a packed batch: ``position_BS``); then a sum over
+        TP (backward: the identity, so every TP rank computes the same table gradient). Bit-equal
+        to ``reference_splice``."""
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
@@ -153,7 +170,8 @@ class MegatronBackbone(nn.Module):
         owner = _tp_rank() == 0
         inputs_SBH = splice(ids_BS, slot_BS, self.gpt.embedding.word_embeddings.weight, table_MH, vocab_start=start,
                             vocab_size=(end - start) * self.gpt.config.tensor_model_parallel_size,
-                            write_prompt=owner, seq_first=True, pos_weight_TH=self._position_table() if owner else None)
+                            write_prompt=owner, seq_first=True, pos_weight_TH=self._position_table() if owner else None,
+                            position_BS=position_BS)
         if ps.get_tensor_model_parallel_world_size() > 1:
             inputs_SBH = reduce_from_tensor_model_parallel_region(inputs_SBH)
         return inputs_SBH

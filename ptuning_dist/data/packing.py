@@ -172,6 +172,28 @@ def pack(seqs, examples, pad_id: int, capacity: int):
     )
 
 
+def pad_packed(batch: Batch, B: int, T: int, pad_id: int) -> Batch:
+    """The packed ``batch`` grown to B rows x T positions with padding (segment -1, position 0,
+    no prompt slot, mask 0): a pipeline sends one activation shape per step, so the step's packed
+    forwards are padded to the largest of them (host ints from the shapes: no communication, every
+    stage computes the same). Targets and labels are unchanged; padding attends to padding only."""
+    b, t = batch.ids_BS.shape
+    assert batch.position_BS is not None and B >= b and T >= t, "pad_packed: a packed batch, grown only"
+    if (B, T) == (b, t):
+        return batch
+
+    def grow(x, fill):
+        out = torch.full((B, T), fill, dtype=x.dtype)
+        out[:b, :t] = x
+        return out
+
+    fields = dict(vars(batch))
+    fields.update(ids_BS=grow(batch.ids_BS, pad_id),
+                  attention_mask_BS=grow(batch.attention_mask_BS, 0), slot_BS=grow(batch.slot_BS, -1),
+                  position_BS=grow(batch.position_BS, 0), segment_BS=grow(batch.segment_BS, -1))
+    return Batch(**fields)
+
+
 def packed_attention_mask(position_BS: torch.Tensor, segment_BS: torch.Tensor) -> torch.Tensor:
     """B x 1 x T x T booleans (True: may attend) for a packed batch; see the module docstring.
     Padding (segment -1, position 0) attends to padding only, so no softmax row is empty."""

@@ -14,15 +14,17 @@ optimizer, no encoder state in checkpoints). Per optimizer step, on every rank o
 
 What the schedule needs and where it comes from:
 - one activation shape per step: the loader pads every micro-batch of a step to the step's
-  longest row (``collate(..., seq_len=)``), a host-side int, so no shape is ever exchanged;
+  longest row (``collate(..., seq_len=)``; packed: to the largest packed forward), host-side ints,
+  so no shape is ever exchanged;
 - received activations that require grad: megatron's p2p makes its receive buffers with
   ``requires_grad=True``, so stage k's input gradient flows back (a stage whose input did not
   require grad would silently give the encoder zero gradients: tested against PP = 1);
 - ``model.config`` (megatron's TransformerConfig: ``pipeline_dtype``, ``batch_p2p_comm=False``),
   ``model.model_type`` and ``model.set_input_tensor``: this class provides them.
 
-The loss is the same as at PP = 1: cross-entropy per micro-batch, divided by the number of
-micro-batches (megatron divides by ``num_microbatches`` in its loss hook). The interleaved
+The loss is the same as at PP = 1: the mean over the step's rows (each micro-batch's mean weighted by
+its rows; megatron divides by ``num_microbatches`` in its loss hook). Packed forwards are padded to
+the step's largest (``data.packing.pad_packed``), so they too share one shape. The interleaved
 (virtual-pipeline) schedule is not offered.
 """
 from __future__ import annotations
@@ -72,11 +74,16 @@ class PipelineSchedule:
 
     def train_step(self, batches: list[Batch], table_leaf: torch.Tensor | None) -> torch.Tensor:
         """Forward and backward of this rank's micro-batches (stage 0: into ``table_leaf.grad``).
-        Returns the step's mean loss on the last stage, zero on the others."""
+        Returns the step's mean loss on the last stage, zero on the others. Each micro-batch's mean
+        loss is weighted by its share of the step's rows (packed forwards hold different numbers
+        of rows), times the count megatron divides by: the step's loss is the mean over its rows,
+        as at PP = 1. Equal micro-batches weigh exactly 1.0 (the padded layout's bits unchanged)."""
         step_loss = torch.zeros((), device=batches[0].ids_BS.device)
+        rows = sum(len(b.label_E) for b in batches)
 
         def loss_func(batch: Batch, logits_EK: torch.Tensor):
-            loss = F.cross_entropy(logits_EK, batch.label_E)
+            weight = len(batch.label_E) * len(batches) / rows  # host ints
+            loss = F.cross_entropy(logits_EK, batch.label_E) * weight
             step_loss.add_(loss.detach() / len(batches))  # before megatron divides ``loss`` in place
             return loss, {}
 

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ptuning_dist import debug
 from ptuning_dist.config import RunConfig
 from ptuning_dist.data.collate import collate
-from ptuning_dist.data.packing import step_forwards
+from ptuning_dist.data.packing import pad_packed, step_forwards
 from ptuning_dist.data.scoring import longest
 from ptuning_dist.data.stream import make_stream
 from ptuning_dist.errors import PTuningError
@@ -225,20 +225,25 @@ class PTuningRecipe:
         rows_by_rank = [[self.train_ex[j] for j in idx[r * per_rank : (r + 1) * per_rank]] for r in range(par.dp)]
         rows = rows_by_rank[par.dp_rank]
         pack_to = self.pack_to
-        if pack_to is not None:  # hf backend: packed forwards, each within a padded micro-batch's positions
+        if pack_to is not None:  # packed forwards, each within a padded micro-batch's positions
             groups = step_forwards(rows_by_rank, par.dp_rank, t.micro_batch_size, pack_to)
+            batches = [self.collate(g, None) for g in groups]
+            if par.pipeline is not None:  # one activation shape per step: the largest forward's (host ints)
+                B, T = (max(b.ids_BS.shape[d] for b in batches) for d in (0, 1))
+                batches = [pad_packed(b, B, T, self.parts.tok.pad_id) for b in batches]
         else:
-            groups = [rows[i : i + t.micro_batch_size] for i in range(0, per_rank, t.micro_batch_size)]
-        # a pipeline sends one activation shape per step: pad to the step's longest row (a host int)
-        seq_len = max(longest(e) for e in rows) if par.pipeline is not None else None
-        return [self.collate(g, seq_len).to(self.D.device) for g in groups]
+            # a pipeline sends one activation shape per step: pad to the step's longest row (a host int)
+            seq_len = max(longest(e) for e in rows) if par.pipeline is not None else None
+            batches = [self.collate(rows[i : i + t.micro_batch_size], seq_len)
+                       for i in range(0, per_rank, t.micro_batch_size)]
+        return [b.to(self.D.device) for b in batches]
 
     def collate(self, rows: list, seq_len: int | None):
         return collate(rows, self.parts.tok.pad_id, seq_len, self.pack_to)
 
     @property
     def pack_to(self) -> int | None:
-        return self.cfg.pack_to if self.par.pipeline is None else None
+        return self.cfg.pack_to
 
     def hold(self):
         """The context a step's (and an evaluation's) forwards run in (``Parallelized.hold``)."""

@@ -145,7 +145,7 @@ CASES = [
     ("timeout_zero", "train", lambda c: c.train("--dist_timeout_s", "0"), "parallel.dist_timeout_s"),
     ("tp_word", "train", lambda c: c.train("--tp", "two"), "parallel.tp: expected an integer"),
     ("tp_world", "train", lambda c: c.train("--tp", "2", "--backend", "megatron"), "does not divide the world size 1"),
-    ("packing_megatron", "train", lambda c: c.train("--packing", "on", "--backend", "megatron"), "data.packing"),
+    ("packing_word", "train", lambda c: c.train("--packing", "sometimes"), "data.packing"),
     ("unknown_flag", "train", lambda c: c.train("--learning_rate", "1"), "unrecognized arguments: --learning_rate"),
     ("empty_template", "train", lambda c: c.train("--template", ""), "prompt.template: may not be empty"),
     ("blank_template", "train", lambda c: c.train("--template", "   "), "prompt.template: may not be empty"),

@@ -192,8 +192,8 @@ def test_packing_refuses_attention_without_custom_masks(family_dirs):
 def test_packing_config_errors(tiny_dir):
     with pytest.raises(ConfigError, match="data.packing"):
         from_dict({}, {"data.packing": "sometimes"})
-    with pytest.raises(ConfigError, match="data.packing.*megatron"):
-        from_dict({}, {"data.packing": "on", "model.backend": "megatron"})
-    assert from_dict({}, {"model.backend": "megatron"}).pack_to is None
+    # both backends pack by default (megatron: tests/dist/test_megatron_packing.py)
+    assert from_dict({}, {"data.packing": "on", "model.backend": "megatron"}).pack_to == 256
+    assert from_dict({}, {"model.backend": "megatron"}).pack_to == 256
     assert from_dict({}, {"data.max_seq_len": 96}).pack_to == 96
     assert from_dict({}, {"data.packing": "off"}).pack_to is None

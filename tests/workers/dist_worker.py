@@ -32,7 +32,25 @@ def main():
     grad_steps = {int(s) for s in mine.grad_steps.split(",") if s}
     rec = {"grads": {}, "params": {}}
 
+    from ptuning_dist.train import evaluate as evaluate_mod
+
+    predict = evaluate_mod.predict
+
+    def recorded_predict(*a, **k):  # every evaluation's predictions, in order
+        preds = predict(*a, **k)
+        rec.setdefault("predictions", []).append(preds)
+        return preds
+    evaluate_mod.predict = recorded_predict
+
     class Recorded(PTuningRecipe):
+        def batches(self, step):  # positions each step's forwards compute (padding and packing show here)
+            out = super().batches(step)
+            rec.setdefault("positions", {})[step] = sum(b.ids_BS.numel() for b in out)
+            rec.setdefault("packed", {})[step] = all(b.position_BS is not None for b in out)
+            rows = [int(s.max()) for b in out if b.segment_BS is not None for s in b.segment_BS]  # host tensors
+            rec["max_rows_per_bin"] = max([rec.get("max_rows_per_bin", 0)] + rows)
+            return out
+
         def parallelize(self):
             super().parallelize()
             self.after_setup(self.model, self.encoder, self.par.engine)
