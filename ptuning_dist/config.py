@@ -31,6 +31,7 @@ LrSchedule = Literal["linear", "constant"]
 TaskName = Literal["default", "lama", "rte", "cb", "boolq", "wic", "copa", "wsc", "multirc", "record"]
 Packing = Literal["auto", "on", "off"]
 HostMalloc = Literal["auto", "mmap", "trim", "off"]
+ZeroGather = Literal["auto", "layer", "step"]
 
 
 class Section:
@@ -239,6 +240,14 @@ class ParallelConfig(Section):
     'trim' when the frozen weights are partitioned over ranks, else 'off'; 'trim': malloc_trim
     after every step; 'mmap': buffers >= 1 MiB mmapped (leanest, slowest); 'off': glibc's defaults
     (fastest, ~2x the memory under ZeRO-3). See parallel/heap.py."""
+    zero3_gather: ZeroGather = "auto"
+    """ZeRO-3 (dp > 1): 'layer': DeepSpeed's own per-module gathers, each layer's weights gathered
+    for every forward and again for every backward, released after each (the least memory);
+    'step': the frozen weights never change, so the whole stage is gathered once when a step
+    starts, kept across all its forwards and backwards, and re-partitioned when it ends (one
+    gather per step instead of two per layer and micro-batch; costs the stage's full weights for
+    the step); 'auto': 'step' when the memory model's step peak with the stage gathered fits 80%
+    of the device's memory (CPU: the host's / local ranks), else 'layer'. Same numerics in all."""
 
     def check(self):
         _require(self.dist_timeout_s > 0, "parallel.dist_timeout_s", "must be > 0")

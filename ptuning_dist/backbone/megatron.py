@@ -15,7 +15,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ptuning_dist.errors import ConfigError
 from ptuning_dist.ops.splice import insert_prompt_rows
 from ptuning_dist.planning.shape import padded_vocab
 

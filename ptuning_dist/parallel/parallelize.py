@@ -146,14 +146,19 @@ class Parallelized:
     dp_group: object  # None: the whole world
     zero3: bool
     external: list  # the backbone's external weights: gathered once per step under ZeRO-3
+    held: list  # what a step holds gathered: ``external`` ('layer'), or every frozen weight ('step')
+    gather: str = "layer"  # parallel.zero3_gather, resolved (zero.choose_gather)
+    gather_why: str | None = None  # the resolution, for the run's log
 
     def hold(self):
-        """A context in which the weights used outside their modules (embedding table, head, ...)
-        stay gathered: once per step and per evaluation, not once per forward (ZeRO-3 only; costs:
-        held for the whole step, as the memory model counts)."""
+        """A context in which the step's held weights stay gathered: once per step and per
+        evaluation, not once per forward (ZeRO-3 only). 'layer': the weights used outside their
+        modules (embedding table, head, ...); 'step': the whole stage, so the layers' per-forward
+        and per-backward gathers find their weights there (costs: held for the whole step, as the
+        memory model counts either way)."""
         from ptuning_dist.parallel.zero import held_for_step
 
-        return held_for_step(self.engine if self.zero3 else None, self.external)
+        return held_for_step(self.engine if self.zero3 else None, self.held)
 
     def release(self) -> None:
         """After a step's backwards: ZeRO-3 re-partitions what a recomputed block left gathered."""
@@ -161,8 +166,21 @@ class Parallelized:
             self.engine.optimizer.release_backward_leftovers()
 
 
-def parallelize(model, plan: ParallelPlan) -> Parallelized:
-    """Step 3 on a built, frozen ``PTuningModel``: checkpoint wrapping -> partitioning -> pipeline."""
+def _agree_on_gather(gather: str, dp_group, device) -> str:
+    """'step' only if every DP peer chose it (the step's gathers are collectives over the group: a
+    peer with less memory, say, must not leave the others waiting in a gather it never starts)."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(gather == "step")], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=dp_group)
+    return "step" if int(flag) else "layer"  # host sync: once, at set-up
+
+
+def parallelize(model, plan: ParallelPlan, model_dir=None) -> Parallelized:
+    """Step 3 on a built, frozen ``PTuningModel``: checkpoint wrapping -> partitioning -> pipeline,
+    then ZeRO-3's gather policy (``parallel.zero3_gather``; ``model_dir``: the backbone's config.json
+    for the memory model)."""
     from ptuning_dist.parallel.checkpointing import apply_activation_checkpointing
 
     p = plan.cfg.parallel
@@ -189,5 +207,21 @@ def parallelize(model, plan: ParallelPlan) -> Parallelized:
         from ptuning_dist.parallel.pipeline import PipelineSchedule
 
         pipeline = PipelineSchedule(model)
-    return Parallelized(engine, pipeline, plan.heap, dp_rank, dp, dp_group, plan.zero_stage == 3,
-                        model.backbone.external_weights())
+    external = model.backbone.external_weights()
+    held, gather, why = external, "layer", None
+    if plan.zero_stage == 3 and dp > 1:
+        from ptuning_dist.parallel.zero import choose_gather
+
+        stage = 0
+        if p.pp > 1:
+            from megatron.core import parallel_state as ps
+
+            stage = ps.get_pipeline_model_parallel_rank()
+        encoder_numel = sum(q.numel() for q in model.prompt.parameters()) if model.prompt is not None else 0
+        gather, why = choose_gather(p.zero3_gather, model.frozen, plan.cfg, model_dir, plan.device, encoder_numel,
+                                    stage)
+        gather = _agree_on_gather(gather, dp_group, plan.device)
+        if gather == "step":
+            held = list({id(q): q for q in [*external, *model.frozen.parameters()]}.values())
+    return Parallelized(engine, pipeline, plan.heap, dp_rank, dp, dp_group, plan.zero_stage == 3, external, held,
+                        gather, why)

@@ -114,6 +114,49 @@ def _held(params):
                 p.ds_active_sub_modules.discard(_HOLD)
 
 
+def choose_gather(mode: str, frozen: torch.nn.Module, cfg, model_dir, device, encoder_numel: int,
+                  pp_stage: int) -> tuple[str, str]:
+    """``parallel.zero3_gather`` resolved for this rank's stage: ('step' or 'layer', why). 'auto'
+    asks the memory model (``planning/memory.py``) for the step peak with the whole stage gathered:
+    the frozen bytes held and gathered counted from the partitions themselves, activations and the
+    encoder from the model's shape; 'step' if that fits 80% of the device's memory (CUDA: the
+    device's total; CPU: the host's MemTotal over the node's ranks). A family without a memory
+    model (no megatron layout) stays at 'layer'. Once at set-up: host queries are fine here."""
+    if mode != "auto":
+        return mode, f"parallel.zero3_gather = {mode}"
+    from ptuning_dist.planning.memory import activation_bytes
+    from ptuning_dist.planning.shape import ModelShape
+
+    held = gathered = 0
+    for p in frozen.parameters():
+        held += p.ds_tensor.numel() * p.ds_tensor.element_size()
+        gathered += (p.ds_numel - p.ds_tensor.numel()) * p.ds_tensor.element_size()
+    try:
+        shape = ModelShape.from_hf_config(model_dir)
+    except (ValueError, OSError) as e:
+        return "layer", f"zero3_gather auto -> layer (no memory model for {model_dir}: {e})"
+    par, t, size = cfg.parallel, cfg.train, next(frozen.parameters()).ds_tensor.element_size()
+    micro_batches = t.global_batch_size // t.micro_batch_size  # an upper bound on the 1F1B in-flight count
+    act = activation_bytes(shape, par.tp, par.pp, pp_stage, t.micro_batch_size, cfg.data.max_seq_len, size,
+                           par.activation_checkpointing, micro_batches)
+    enc = 20 * encoder_numel  # fp32 parameters, AdamW's moments, gradients, the update's temporary
+    need, budget = held + gathered + act + enc, int(0.8 * device_memory(device))
+    choice = "step" if need <= budget else "layer"
+    return choice, (f"zero3_gather auto -> {choice}: the step with the stage gathered needs {need / 2**30:.2f} GiB "
+                    f"of the {budget / 2**30:.2f} GiB budget (80% of the device)")
+
+
+def device_memory(device) -> int:
+    """Bytes one rank may use: a CUDA device's total, or the host's MemTotal over the local ranks."""
+    import os
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    return total // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def partition_sizes(module: torch.nn.Module) -> list[tuple[str, int, int]]:
     """(name, full numel, elements held on this rank) for every parameter: ZeRO-3 partitions
     (``ds_tensor``), FSDP2 shards (DTensor ``to_local()``) or whole tensors."""

@@ -215,7 +215,8 @@ def layout_memory(m: ModelShape, tp: int = 1, pp: int = 1, dp: int = 1, *, dtype
 def stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_stage: int, dp_rank: int = 0, *,
                  dtype_bytes: int = 4, partitioning: str = "none", n_prompt: int = 6, encoder: str = "lstm",
                  micro_batch: int = 8, seq_len: int = 128, checkpointing: bool = False,
-                 micro_batches: int | None = None, backend: str = "megatron", prompt_groups: int = 1) -> RankMemory:
+                 micro_batches: int | None = None, backend: str = "megatron", prompt_groups: int = 1,
+                 zero3_gather: str = "layer") -> RankMemory:
     """Predicted memory of the ranks of stage ``pp_stage`` at DP rank ``dp_rank`` (any TP rank): what
     a planner calls once per stage instead of once per rank.
 
@@ -225,7 +226,7 @@ def stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_stage: int, dp_ran
     multi-tensor AdamW's sqrt temporary). Gathers ('zero3'/'fsdp2', dp > 1): what the stage holds
     outside its layers (embeddings, final norm, head) gathered for the whole step, plus three layers'
     worth (the layer computing, the one prefetched, the flat all-gather buffer; two on a one-layer
-    stage). Load (``megatron_import.build_stage``, ``parallel/shardwise.py``): the shard-wise loader
+    stage); with ``zero3_gather="step"`` the whole stage gathered for the step. Load (``megatron_import.build_stage``, ``parallel/shardwise.py``): the shard-wise loader
     allocates what it will hold and fills it tensor by tensor, reading only this rank's slice of
     each, in ``dtype_bytes``: held + in flight. Held: the megatron backend imports the whole TP/PP
     stage, then ZeRO-3/FSDP2 partition it parameter by parameter (``backend="megatron"``: the stage's
@@ -242,6 +243,8 @@ def stage_memory(m: ModelShape, tp: int, pp: int, dp: int, pp_stage: int, dp_ran
         layer = sum(prod(s) for _, s, _ in _layer_params(m, tp))
         outside = sum(p.numel - p.held for p in params if not p.name.startswith("decoder.layers."))
         r.gather_bytes = (outside + min(3, m.layers // pp + 1) * layer) * dtype_bytes
+        if zero3_gather == "step":  # parallel.zero3_gather: the stage's every weight, for the whole step
+            r.gather_bytes = sum(p.numel - p.held for p in params) * dtype_bytes
     held = sum(p.held if backend == "hf" else p.numel for p in params)
     in_flight = 2 * max(p.held if backend == "hf" else p.numel for p in params)
     r.load_bytes = (held + in_flight) * dtype_bytes

@@ -135,7 +135,9 @@ class PTuningRecipe:
         self.model, self.encoder = build_model(self.parts, cfg.train.seed)
 
     def parallelize(self) -> None:
-        self.par = parallelize(self.model, self.plan)
+        self.par = parallelize(self.model, self.plan, resolve_model_path(self.cfg))
+        if self.par.gather_why:
+            self.say(self.par.gather_why)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         own = sum(p.numel() for p in self.encoder.parameters()) if self.encoder is not None else 0
         if trainable != own:  # after every wrapper: nothing but the encoder may train

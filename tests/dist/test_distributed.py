@@ -61,6 +61,27 @@ def test_zero3_partitions_backbone_and_replicates_encoder(zero3):
         assert torch.equal(r0["grads"][3][k], r1["grads"][3][k])
 
 
+def test_zero3_gather_per_step_bit_identical_and_released(backbone, zero3, tmp_path):
+    """parallel.zero3_gather: 'step' (what auto picks for this small model: ``zero3``) gathers every
+    frozen weight once per step and keeps it across the step's forwards and backwards; 'layer' is
+    DeepSpeed's per-module gather for every forward and backward. The same bits either way; after
+    a step both leave nothing gathered and every weight at numel/DP."""
+    torchrun(2, WORKER, "--record", tmp_path / "rec", "--model", backbone, "--output_dir", tmp_path,
+             "--ds_config", ROOT / "ds_configs" / "zero3.json", "--zero3_gather", "layer", *COMMON)
+    assert losses(tmp_path) == losses(zero3)
+    for r in (0, 1):
+        step, layer = torch.load(zero3 / "rec" / f"rank{r}.pt"), torch.load(tmp_path / "rec" / f"rank{r}.pt")
+        for k, g in layer["grads"][3].items():
+            assert torch.equal(step["grads"][3][k], g), k
+        for rec in (step, layer):
+            assert rec["materialised"][1] == rec["materialised"][3] == {}, "left gathered after a step"
+            assert all(local == -(-full // 2) for _, full, local in rec["partitions"])
+        # 'step': each frozen weight gathered (and released) exactly once per step; 'layer': the
+        # layers' weights once per forward and once per backward of each of the 2 micro-batches
+        assert set(step["all_gathers"].values()) == {step["frozen_count"]}, step["all_gathers"]
+        assert min(layer["all_gathers"].values()) > 3 * layer["frozen_count"], layer["all_gathers"]
+
+
 def test_activation_checkpointing_bit_identical(backbone, zero3, tmp_path):
     torchrun(2, WORKER, "--record", tmp_path / "rec", "--model", backbone, "--output_dir", tmp_path,
              "--ds_config", ROOT / "ds_configs" / "zero3.json", "--activation_checkpointing", "true", *COMMON)

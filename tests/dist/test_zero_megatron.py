@@ -19,7 +19,9 @@ def zero3_run(out, layout, *flags, world=4, extra_env=None, ok=True):
 @pytest.mark.parametrize("recompute", ["false", "true"])
 @pytest.mark.parametrize("layout", [["--tp", 2], ["--pp", 2]], ids=["tp2xdp2", "pp2xdp2"])
 def test_zero3_megatron_matches_single_process(backbone, reference, tmp_path, layout, recompute):
-    zero3_run(tmp_path, layout, backbone, "--activation_checkpointing", recompute)
+    """DeepSpeed's per-layer gathers (zero3_gather layer: what a stage too big to hold gathered for
+    a step gets); the per-step gather is test_zero3_megatron_gather_per_step."""
+    zero3_run(tmp_path, layout, backbone, "--activation_checkpointing", recompute, "--zero3_gather", "layer")
     first_stage = (0, 1, 2, 3) if layout[0] == "--tp" else (0, 1)  # megatron's order: TP, DP, then PP slowest
     assert_matches_reference(reference, tmp_path, ranks=first_stage)
     for r in range(4):
@@ -42,6 +44,26 @@ def test_zero3_megatron_matches_single_process(backbone, reference, tmp_path, la
         assert record(tmp_path, 0)["checkpointed_blocks"] > 0
 
 
+@pytest.mark.parametrize("layout", [["--tp", 2], ["--pp", 2]], ids=["tp2xdp2", "pp2xdp2"])
+def test_zero3_megatron_gather_per_step(backbone, tmp_path, layout):
+    """zero3_gather step under TP x DP and PP x DP (1F1B: 2 micro-batches in flight on stage 0, full
+    recompute): the same bits as the per-layer gathers, each frozen weight gathered once per step,
+    nothing left gathered after it, partitions intact."""
+    runs = {}
+    for mode in ("layer", "step"):
+        runs[mode] = tmp_path / mode
+        zero3_run(runs[mode], layout, backbone, "--activation_checkpointing", "true", "--zero3_gather", mode)
+    assert losses(runs["step"]) == losses(runs["layer"])
+    for r in range(4):
+        step, layer = record(runs["step"], r), record(runs["layer"], r)
+        for k, g in layer["grads"].get(3, {}).items():
+            assert torch.equal(step["grads"][3][k], g), (r, k)
+        assert step["materialised"][1] == step["materialised"][3] == {}, f"rank {r}: left gathered after a step"
+        assert all(local == -(-full // 2) for _, full, local in step["partitions"])
+        assert set(step["all_gathers"].values()) == {step["frozen_count"]}, (r, step["all_gathers"])
+        assert min(layer["all_gathers"].values()) > step["frozen_count"], (r, layer["all_gathers"])
+
+
 def test_zero3_megatron_replicas_and_frozen(backbone, tmp_path):
     """TP=2 x DP=2: the four encoder replicas hold the same gradient (TP replicas without an
     all-reduce, DP replicas after the table all-reduce) and only the encoder trains."""
@@ -58,7 +80,7 @@ def test_upstream_still_needs_backward_count_and_recompute_release(backbone, tmp
     (the per-module count went negative); without fix 3, megatron's recompute does the same."""
     for fix, recompute in (("backward_count", "false"), ("recompute_release", "true")):
         out = tmp_path / fix
-        zero3_run(out, ["--pp", 2], backbone, "--activation_checkpointing", recompute,
+        zero3_run(out, ["--pp", 2], backbone, "--activation_checkpointing", recompute, "--zero3_gather", "layer",
                   extra_env={"PTUNING_ZERO_UNPATCHED": fix})
         rec = record(out, 0)
         held = sum(local for _, _, local in rec["partitions"])

@@ -104,8 +104,12 @@ def main():
                 rec["_releases"], rec["gathers"] = {}, {}
                 partition = Init._partition
 
+                rec["_all_releases"], rec["all_gathers"] = [0], {}
+
                 def counting(self, param_list, *a, **k):
                     for p in param_list:
+                        if id(p) in names and p.ds_status == ZeroParamStatus.AVAILABLE:
+                            rec["_all_releases"][0] += 1  # every frozen weight's gathers (zero3_gather)
                         if id(p) in watched and p.ds_status == ZeroParamStatus.AVAILABLE:
                             rec["_releases"][names[id(p)]] = rec["_releases"].get(names[id(p)], 0) + 1
                     return partition(self, param_list, *a, **k)
@@ -117,6 +121,8 @@ def main():
             if "_releases" in rec:  # ZeRO-3: the gathers of the external weights in this step
                 rec["gathers"][step] = dict(rec["_releases"])
                 rec["_releases"].clear()
+                rec["all_gathers"][step], rec["_all_releases"][0] = rec["_all_releases"][0], 0
+                rec["frozen_count"] = len(list(rec["_frozen"].parameters()))
             if step in grad_steps:
                 if encoder is not None:  # pipeline stages after the first have none
                     rec["grads"][step] = {n: p.grad.clone() for n, p in encoder.named_parameters()}
@@ -138,6 +144,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     rec.pop("_frozen")
     rec.pop("_releases", None)
+    rec.pop("_all_releases", None)
     torch.save(rec, out / f"rank{rank}.pt")
 
 
