@@ -63,8 +63,11 @@ SYSTEMS = {"ours": ("ours", {}, []),
            "ours-padded": ("ours", {}, ["--packing", "off"]),
            "ours+off": ("ours", {}, ["--host_malloc", "off"]),
            "ours+mmap": ("ours", {}, ["--host_malloc", "mmap"]),
+           "ours+layer": ("ours", {}, ["--zero3_gather", "layer"]),
+           "ours-megatron": ("ours", {}, ["--backend", "megatron"]),
            "peft": ("peft", {}, [])}
-ONLY_ON = {"ours+off": "zero3", "ours+mmap": "zero3"}  # auto: off in one process, trim under ZeRO-3
+# ours+layer: DeepSpeed's per-layer gathers (ours picks zero3_gather step here: the stage fits)
+ONLY_ON = {"ours+off": "zero3", "ours+mmap": "zero3", "ours+layer": "zero3", "ours-megatron": "1proc"}  # auto: off in one process, trim under ZeRO-3
 VOCAB = 50257
 SMALL = dict(n_embd=768, n_layer=12, n_head=12)
 TINY = dict(n_embd=128, n_layer=2, n_head=4)
