@@ -155,8 +155,12 @@ def broadcast_replicas(module: torch.nn.Module) -> None:
             dist.broadcast(p.data, src=src, group=group)
 
 
-def init_model_parallel(tp: int, pp: int = 1) -> None:
-    """megatron-core's process groups (TP x PP x DP) over the existing world."""
+def init_model_parallel(tp: int, pp: int = 1, seed: int = 0) -> None:
+    """megatron-core's process groups (TP x PP x DP) over the existing world. On CUDA also its RNG
+    tracker: megatron's attention enters it on every forward ("cuda rng state model-parallel-rng is
+    not added" otherwise; on CPU ``megatron_cpu`` replaces it). The frozen backbone has no dropout,
+    so the seed changes no result."""
+    import torch
     from megatron.core import parallel_state as ps
 
     from ptuning_dist.compat import megatron_cpu
@@ -164,6 +168,10 @@ def init_model_parallel(tp: int, pp: int = 1) -> None:
     megatron_cpu.enable()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if torch.cuda.is_available():  # the GPU path, untested here (tests/gpu)
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def init(need_group: bool, timeout_s: float = 600.0) -> Dist:
