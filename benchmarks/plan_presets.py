@@ -1,6 +1,11 @@
 """The dry-run planner's predictions for the preset models at layouts that divide (no GPU involved).
 
-    .venv/bin/python benchmarks/plan_presets.py     # prints the table and writes its section of RESULTS.md
+    .venv/bin/python benchmarks/plan_presets.py     # prints the table and writes its sections of RESULTS.md
+
+Two sections: the plans of chosen layouts (below), and the layouts ``launchers/plan.py --search``
+recommends for the 20B, 175B and 530B presets on 8 x 80 GB nodes (``SEARCHES``: the search's own
+output, with its predicted step times; the time model is checked against measured runs on this
+machine by benchmarks/plan_time_check.py).
 
 Each row is ``ptuning_dist.parallel.planner.plan`` for one layout: bf16 backbone, micro batch 1,
 sequence length 2048 (GPT-2 XL: its 1024 positions), 6 prompt tokens, 80 GiB GPUs with 2 GiB kept
@@ -31,6 +36,11 @@ LAYOUTS = [
     ("gpt-530b", 280, 8, 35, 1920, 0, "mlp"),
 ]
 GPUS, MICRO, SEQ, GPU_MEM, RESERVE = 8, 1, 2048, 80 * GiB, 2 * GiB
+SEARCH_BEGIN, SEARCH_END = "<!-- plan_search:begin -->", "<!-- plan_search:end -->"
+# (preset, nodes, global batch, encoder, ZeRO stages searched), the planner's default rates; 530B with the
+# paper's LSTM encoder fits nowhere (the encoder alone outgrows a GPU), so with the MLP encoder
+SEARCHES = [("gpt-20b", 4, 512, "lstm", (0, 3)), ("gpt-175b", 16, 1536, "lstm", (0, 3)),
+            ("gpt-530b", 280, 1920, "mlp", (0, 3)), ("gpt-530b", 280, 1920, "lstm", (3,))]
 
 
 def verdict(p) -> str:
@@ -89,6 +99,39 @@ def main() -> None:
             *rows, "", "Commands (`.venv/bin/python` + ...; without `--activation_checkpointing` for the no-ckpt "
             "columns):", "", *[f"- `{c}`" for c in cmds], "", "Reading:", "", *notes]
     write_section(BEGIN, END, body)
+    write_section(SEARCH_BEGIN, SEARCH_END, search_section())
+
+
+def search_section() -> list[str]:
+    """``launchers/plan.py --search`` for each of ``SEARCHES``, its output verbatim."""
+    import contextlib
+    import io
+
+    from ptuning_dist.cli.plan import main as plan_main
+
+    body = ["## Recommended layouts for the presets on 8x80 GB nodes (planner search, issue 17)", "",
+            "Command: `.venv/bin/python benchmarks/plan_presets.py` (this section: the `launchers/plan.py --search` "
+            "commands below, their output verbatim). Predictions, not measurements: no GPU was used. Each search "
+            "tries every TP dividing the node's 8 GPUs x every PP dividing the layers x activation checkpointing "
+            "off/on, keeps the layouts that divide and fit 80 GiB (2 GiB kept for the runtime) and ranks them by "
+            "predicted tokens/s under the planner's default rates (an A100-80GB node: 160 TFLOP/s a GPU on a whole "
+            "layer, 200 GB/s NVLink, 25 GB/s a GPU across nodes, 20 us a collective, nothing overlapped; see "
+            "`ptuning_dist/planning/timing.py`). bf16, micro batch 1, sequence length 2048.", ""]
+    best = []
+    for name, nodes, glob, enc, zeros in SEARCHES:
+        for zero in zeros:
+            argv = ["--model", name, "--nodes", str(nodes), "--gpus-per-node", str(GPUS), "--search", "--zero_stage",
+                    str(zero), "--dtype", "bfloat16", "--micro_batch_size", str(MICRO), "--global_batch_size",
+                    str(glob), "--seq_len", str(SEQ), "--encoder", enc, "--top", "5"]
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = plan_main(argv)
+            lines = out.getvalue().rstrip("\n").splitlines()
+            print("\n".join(lines) + "\n")
+            best.append(f"- {name} on {nodes} x 8, ZeRO-{zero}, {enc} encoder: {lines[-1]}")
+            body += [f"`.venv/bin/python launchers/plan.py {' '.join(argv)}` (exit {code})", "", "```",
+                     *lines, "```", ""]
+    return body + ["Summary (each search's last line):", "", *best]
 
 
 def _notes() -> list[str]:

@@ -1,9 +1,11 @@
-"""``ptuning-plan`` (``launchers/plan.py``): a layout's per-rank memory, communication per step and
-verdict, without any GPU.
+"""``ptuning-plan`` (``launchers/plan.py``): a layout's per-rank memory, communication and predicted
+time per step and verdict, without any GPU; ``--search``: the fastest layouts that divide and fit.
 
-Exit 0 when it fits, 1 when it does not, 2 with ``error: ...`` (naming the flag, file or rule) when
-the layout does not divide or an input is bad. The numbers are ``ptuning_dist.planning.planner``'s;
-no torch is imported until a plan counts the prompt encoder's parameters.
+Exit 0 when it fits (--search: when any layout fits), 1 when it does not, 2 with ``error: ...``
+(naming the flag, file or rule) when the layout does not divide or an input is bad. The numbers are
+``ptuning_dist.planning.planner``'s and ``planning.timing``'s (the rates: the flags, in TFLOP/s, GB/s
+= 10^9 bytes/s and microseconds); no torch is imported until a plan counts the prompt encoder's
+parameters.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from ptuning_dist.cli import args as cli_args
 from ptuning_dist.config import Dtype, EncoderKind, read_json
 from ptuning_dist.errors import ConfigError, PTuningError
 from ptuning_dist.planning.planner import PRESETS, GiB, Plan, plan
+from ptuning_dist.planning.timing import GB, Rates, StepTime, search, step_time
 from ptuning_dist.planning.shape import ModelShape
 from ptuning_dist.cli.common import Parser
 
@@ -59,7 +62,33 @@ class PlanArgs:
     reserve_gb: float = 2.0
     """GiB kept for what the model leaves out: CUDA context, NCCL buffers, allocator."""
     activation_checkpointing: bool = False
-    """Plan the step with full activation checkpointing (both peaks are printed)."""
+    """Plan the step with full activation checkpointing (both peaks are printed); with --search, given:
+    only that setting, not given: both."""
+    gpu_tflops: float = 160.0
+    """Model TFLOP/s one GPU achieves on a whole transformer layer in the backbone's dtype: the layer's
+    4N FLOPs a token over its time, norms and nonlinearities included (default: about half an A100's
+    312 bf16 peak, as Megatron-LM's 163 a GPU at 1T parameters; an H100 SXM: ~400)."""
+    intra_node_gbps: float = 200.0
+    """GB/s (10^9 bytes/s) a rank sends to GPUs of its own node (default: an A100's NVLink, 300 GB/s a
+    direction, of which NCCL's all-reduce reaches ~230)."""
+    inter_node_gbps: float = 25.0
+    """GB/s a rank sends to other nodes (default: one 200 Gb/s InfiniBand NIC per GPU, as a DGX A100)."""
+    collective_latency_us: float = 20.0
+    """Microseconds every collective call costs whatever its size (NCCL: ~10-30)."""
+    comm_overlap: float = 0.0
+    """Fraction of the ZeRO-3 gathers and PP sends hidden behind compute (default 0: nothing
+    overlaps, as on gloo; TP all-reduces are never hidden)."""
+    gpu_copy_gbps: float = 1000.0
+    """GB/s a GPU copies within its own memory: ZeRO-3 copies every gathered weight out of its flat
+    all-gather buffer (default: an A100's ~2 TB/s HBM, read plus write)."""
+    zero3_fetch_us: float = 0.0
+    """Microseconds of framework work per ZeRO-3 module gather beyond the collective (DeepSpeed's
+    Python fetch and release; default 0: small on a GPU host, ~1600 measured on this CPU)."""
+    search: bool = False
+    """List the fastest layouts that divide and fit: every --tp dividing --gpus-per-node x every --pp
+    dividing the layers (a --tp or --pp given: only it), with and without checkpointing."""
+    top: int = 10
+    """Layouts --search lists."""
 
 
 def model_shape(spec: str) -> tuple[str, ModelShape]:
@@ -130,7 +159,7 @@ def _comm(x: float) -> str:
     return f"{x / GiB:.3f}" if x == 0 or x >= GiB / 1000 else f"{x / GiB:.1e}"
 
 
-def report(p: Plan) -> list[str]:
+def report(p: Plan, rates: Rates = Rates()) -> list[str]:
     m, ck = p.shape, "on" if p.checkpointing else "off"
     part = {3: f"ZeRO-3: frozen weights partitioned over dp {p.dp}" + (", offloaded to the host" if p.offload else "")}
     dtype = {2: "bf16/fp16 (2 bytes)", 4: "fp32 (4 bytes)"}[p.dtype_bytes]
@@ -160,8 +189,69 @@ def report(p: Plan) -> list[str]:
     out += ["", f"set-up: each rank reads only its shard (held + the largest slice in flight): up to {_gib(load, 1)} GiB of "
             f"host memory per rank, {_gib(load * p.gpus_per_node, 1)} GiB per node of {p.gpus_per_node} GPUs",
             f"runtime reserve (CUDA context, NCCL, allocator; not modelled): {_gib(p.reserve_bytes, 1)} GiB", "",
-            f"VERDICT: {p.verdict}"]
+            *timing(step_time(p, rates), rates), "", f"VERDICT: {p.verdict}"]
     return out
+
+
+def _rates(r: Rates) -> str:
+    return (f"{r.flops / 1e12:g} TFLOP/s a GPU, {r.intra / GB:g} GB/s within a node, {r.inter / GB:g} GB/s across "
+            f"nodes, {r.latency * 1e6:g} us a collective, {r.overlap:g} of gathers and sends overlapped, "
+            f"{r.copy / GB:g} GB/s copies, {r.zero3_call * 1e6:g} us a ZeRO-3 fetch")
+
+
+def timing(t: StepTime, r: Rates) -> list[str]:
+    """The time model's lines (``planning/timing.py``): the total and its terms."""
+    return [f"step time (predicted from {_rates(r)}; {t.links}):",
+            f"{t.total:.3g} s per optimizer step, {t.tokens_per_s:,.0f} tokens/s = compute {t.compute:.3g} + TP "
+            f"all-reduce {t.tp:.3g} + ZeRO-3 gather {t.zero3:.3g} + PP send {t.pp:.3g} + DP all-reduce {t.dp:.3g} "
+            f"+ pipeline bubble {t.bubble:.3g} s (critical stage {t.stage}); bound by {t.bottleneck}"]
+
+
+def search_report(found, args: PlanArgs, name: str, shape: ModelShape, kw: dict, rates: Rates) -> list[str]:
+    """--search: the fastest layouts that fit, a table, then BEST (or NONE FITS) as the last line."""
+    out = [f"model: {name}: {shape.family}-style, {shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads; "
+           f"{shape.hf_num_params() / 1e9:.2f} B parameters",
+           f"cluster: {args.nodes} node{'s' * (args.nodes != 1)} x {args.gpus_per_node} GPUs = "
+           f"{args.nodes * args.gpus_per_node} ranks of "
+           f"{args.gpu_mem_gb:g} GiB ({args.reserve_gb:g} reserved); ZeRO-{kw['zero_stage']}; {kw['dtype_bytes']}-byte "
+           f"backbone; micro batch {kw['micro_batch']}",
+           f"rates: {_rates(rates)}",
+           f"search: {found.tried} tp x pp x checkpointing layouts, {found.divide} divide, {len(found.fitting)} fit; "
+           f"the fastest {min(args.top, len(found.fitting))} (step time predicted by planning/timing.py):", ""]
+    head = ["#", "tp x pp x dp", "ckpt", "global", "micro-batches", "step (s)", "tokens/s", "peak GiB (stage)",
+            "compute", "TP", "ZeRO-3", "PP", "bubble", "bound by", "links"]
+    rows = [[str(i + 1), f"{p.tp} x {p.pp} x {p.dp}", "on" if p.checkpointing else "off", str(p.global_batch),
+             str(p.micro_batches), f"{t.total:.3g}", f"{t.tokens_per_s:,.0f}", f"{_gib(p.worst.total, 1)} ({p.worst.stages})",
+             *(f"{x:.3g}" for x in (t.compute, t.tp, t.zero3, t.pp, t.bubble)), t.bottleneck, t.links]
+            for i, (p, t) in enumerate(found.fitting[: args.top])]
+    out += _table(head, rows) if rows else ["(none)"]
+    if found.fitting:
+        p, t = found.fitting[0]
+        return out + ["", f"BEST: --tp {p.tp} --pp {p.pp}" + " --activation_checkpointing" * p.checkpointing
+                      + f" (dp {p.dp}): {t.total:.3g} s per step, {t.tokens_per_s:,.0f} tokens/s, bound by "
+                      f"{t.bottleneck}; {_gib(p.worst.total, 1)} GiB on the fullest rank"]
+    c = found.closest
+    return out + ["", f"NONE FITS: the leanest layout, --tp {c.tp} --pp {c.pp}" + " --activation_checkpointing"
+                  * c.checkpointing + f", needs {_gib(c.worst.total, 1)} GiB + {args.reserve_gb:g} reserved "
+                  f"of {args.gpu_mem_gb:g} GiB"]
+
+
+def rates_of(args: PlanArgs) -> Rates:
+    """The time model's rates from the flags; ConfigError naming the flag for a bad value."""
+    import math
+
+    for flag, zero in (("gpu_tflops", 0), ("intra_node_gbps", 0), ("inter_node_gbps", 0), ("gpu_copy_gbps", 0),
+                       ("collective_latency_us", 1), ("zero3_fetch_us", 1)):
+        v = getattr(args, flag)
+        if not (math.isfinite(v) and (v >= 0 if zero else v > 0)):
+            raise ConfigError(f"--{flag} must be a finite number {'>=' if zero else '>'} 0, got {v!r}")
+    if not 0 <= args.comm_overlap <= 1:
+        raise ConfigError(f"--comm_overlap must be in [0, 1], got {args.comm_overlap!r}")
+    if args.top < 1:
+        raise ConfigError(f"--top must be >= 1, got {args.top!r}")
+    return Rates(args.gpu_tflops * 1e12, args.intra_node_gbps * GB, args.inter_node_gbps * GB,
+                 args.collective_latency_us * 1e-6, args.comm_overlap, args.gpu_copy_gbps * GB,
+                 args.zero3_fetch_us * 1e-6)
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -172,30 +262,40 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 def main(argv=None) -> int:
     ap = Parser(prog="ptuning-plan", description="A TP x PP x DP layout's per-rank memory, "
-                                 "communication per step and verdict, without any GPU. Exit 0: fits, 1: does not "
-                                 "fit, 2: does not divide or bad input.")
+                                 "communication and predicted time per step and verdict, without any GPU; --search: "
+                                 "the fastest layouts that fit. Exit 0: fits, 1: does not fit, 2: does not divide "
+                                 "or bad input.")
     own = cli_args.add_fields(ap, PlanArgs)
     ns = ap.parse_args(argv)
     try:
         args = cli_args.build(PlanArgs, ns, own)
+        rates = rates_of(args)
         name, shape = model_shape(args.model)
         kw = settings(args)
         accum = kw.pop("accumulation")
-        world, cut = args.nodes * args.gpus_per_node, args.tp * args.pp
-        if kw["global_batch"] is None and accum is not None and cut > 0 and world % cut == 0:
-            kw["global_batch"] = kw["micro_batch"] * accum * (world // cut)  # the JSON's accumulation steps
         if args.gpu_mem_gb <= 0 or args.reserve_gb < 0 or args.reserve_gb >= args.gpu_mem_gb:
             raise ConfigError("--gpu_mem_gb must be > 0 and --reserve_gb in [0, --gpu_mem_gb)")
-        p = plan(shape, args.nodes, args.gpus_per_node, args.tp, args.pp, seq_len=args.seq_len, n_prompt=args.n_prompt,
-                 prompt_groups=args.prompt_groups,
-                 encoder=args.encoder, gpu_mem_bytes=int(args.gpu_mem_gb * GiB),
-                 reserve_bytes=int(args.reserve_gb * GiB), checkpointing=args.activation_checkpointing,
-                 name=name, **kw)
+        common = dict(seq_len=args.seq_len, n_prompt=args.n_prompt, prompt_groups=args.prompt_groups,
+                      encoder=args.encoder, gpu_mem_bytes=int(args.gpu_mem_gb * GiB),
+                      reserve_bytes=int(args.reserve_gb * GiB), name=name, **kw)
+        if args.search:
+            given = lambda flag: getattr(ns, flag) is not None  # noqa: E731 - a flag on the command line
+            found = search(shape, args.nodes, args.gpus_per_node, rates, tps=[args.tp] if given("tp") else None,
+                           pps=[args.pp] if given("pp") else None, accumulation=accum,
+                           checkpointing=[args.activation_checkpointing] if given("activation_checkpointing")
+                           else (False, True), **common)
+            print("\n".join(search_report(found, args, name, shape, kw, rates)))
+            return 0 if found.fitting else 1
+        world, cut = args.nodes * args.gpus_per_node, args.tp * args.pp
+        if kw["global_batch"] is None and accum is not None and cut > 0 and world % cut == 0:
+            common["global_batch"] = kw["micro_batch"] * accum * (world // cut)  # the JSON's accumulation steps
+        p = plan(shape, args.nodes, args.gpus_per_node, args.tp, args.pp, checkpointing=args.activation_checkpointing,
+                 **common)
         if accum is not None and accum != p.micro_batches:
             raise ConfigError(f"--ds_config {args.ds_config}: gradient_accumulation_steps = {accum} contradicts global "
                               f"{p.global_batch} / (micro {p.micro_batch} x dp {p.dp}) = {p.micro_batches}")
     except PTuningError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("\n".join(report(p)))
+    print("\n".join(report(p, rates)))
     return 0 if p.fits else 1
