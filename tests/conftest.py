@@ -13,7 +13,7 @@ from ptuning_dist.compat.build_lock import use_interpreter_ninja  # noqa: E402
 
 use_interpreter_ninja()
 
-FEWGLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fewglue"
+from shared_data import FEWGLUE  # noqa: E402
 
 
 def fewglue_texts(limit_per_file: int = 200) -> list[str]:

@@ -38,3 +38,13 @@ def test_gpu_check_keeps_its_budget_and_writes_under_out():
     assert "-m gpu" in text and "tests/gpu/test_*.py" in text and "benchmarks/gpu_bench.py" in text
     # nothing installs the test extra (its triton pin is the CPU suite's, not the image's)
     assert ".[test]" not in text and "-e ." not in text
+
+
+def test_gpu_conftest_does_not_shadow_the_shared_one():
+    """CI collects tests/gpu before tests/unit: pytest imports every conftest.py as ``conftest``, so a
+    test importing from it got tests/gpu/conftest.py (ImportError in CI). Collect both in that order."""
+    res = subprocess.run([str(BIN / "python"), "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "tests/gpu/test_splice_cuda.py", "tests/unit/test_tasks.py"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "test_tasks.py::test_fewglue_loads_and_tokenizes" in res.stdout

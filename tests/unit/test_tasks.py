@@ -9,7 +9,7 @@ from ptuning_dist.data.tasks import LamaTask, build_task
 from ptuning_dist.errors import DataError, TemplateError
 from ptuning_dist.prompt.template import Template
 
-from conftest import FEWGLUE
+from shared_data import FEWGLUE
 
 
 EXPECTED = {"rte": (32, 32, 277), "cb": (32, 32, 56), "boolq": (32, 32, 3270), "wic": (32, 32, 638)}
