@@ -247,7 +247,8 @@ class ParallelConfig(Section):
     starts, kept across all its forwards and backwards, and re-partitioned when it ends (one
     gather per step instead of two per layer and micro-batch; costs the stage's full weights for
     the step); 'auto': 'step' when the memory model's step peak with the stage gathered fits 80%
-    of the device's memory (CPU: the host's / local ranks), else 'layer'. Same numerics in all."""
+    of the device's memory (CPU: the host's / local ranks), else 'layer' (and 'layer' under
+    offload_param). Same numerics in all."""
 
     def check(self):
         _require(self.dist_timeout_s > 0, "parallel.dist_timeout_s", "must be > 0")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from ptuning_dist.cli import args as cli_args
-from ptuning_dist.config import Dtype, EncoderKind, read_json
+from ptuning_dist.config import Dtype, EncoderKind, ZeroGather, read_json
 from ptuning_dist.errors import ConfigError, PTuningError
 from ptuning_dist.planning.planner import PRESETS, GiB, Plan, plan
 from ptuning_dist.planning.timing import GB, Rates, StepTime, search, step_time
@@ -61,6 +61,10 @@ class PlanArgs:
     """GPU memory in GiB (an '80 GB' A100/H100 has 80 GiB)."""
     reserve_gb: float = 2.0
     """GiB kept for what the model leaves out: CUDA context, NCCL buffers, allocator."""
+    zero3_gather: ZeroGather = "auto"
+    """Under ZeRO-3 at dp > 1 (the training flag of the same name): 'layer' gathers each module for
+    every forward and backward; 'step' once a step, held for it; 'auto' (the run's default): 'step'
+    where that layout fits, else 'layer'."""
     activation_checkpointing: bool = False
     """Plan the step with full activation checkpointing (both peaks are printed); with --search, given:
     only that setting, not given: both."""
@@ -83,7 +87,7 @@ class PlanArgs:
     all-gather buffer (default: an A100's ~2 TB/s HBM, read plus write)."""
     zero3_fetch_us: float = 0.0
     """Microseconds of framework work per ZeRO-3 module gather beyond the collective (DeepSpeed's
-    Python fetch and release; default 0: small on a GPU host, ~1600 measured on this CPU)."""
+    Python fetch and release; default 0: small on a GPU host, 1300-2400 measured on this CPU)."""
     search: bool = False
     """List the fastest layouts that divide and fit: every --tp dividing --gpus-per-node x every --pp
     dividing the layers (a --tp or --pp given: only it), with and without checkpointing."""
@@ -161,7 +165,8 @@ def _comm(x: float) -> str:
 
 def report(p: Plan, rates: Rates = Rates()) -> list[str]:
     m, ck = p.shape, "on" if p.checkpointing else "off"
-    part = {3: f"ZeRO-3: frozen weights partitioned over dp {p.dp}" + (", offloaded to the host" if p.offload else "")}
+    part = {3: f"ZeRO-3: frozen weights partitioned over dp {p.dp}" + (", offloaded to the host" if p.offload else "")
+            + (f", gathered per {p.zero3_gather}" if p.dp > 1 else "")}
     dtype = {2: "bf16/fp16 (2 bytes)", 4: "fp32 (4 bytes)"}[p.dtype_bytes]
     out = [f"model: {p.name}: {m.family}-style, {m.layers} layers, hidden {m.hidden}, {m.heads} heads "
            f"({m.kv_groups} kv groups), ffn {m.ffn}, vocab {m.vocab}, {m.max_positions} positions; "
@@ -218,9 +223,10 @@ def search_report(found, args: PlanArgs, name: str, shape: ModelShape, kw: dict,
            f"rates: {_rates(rates)}",
            f"search: {found.tried} tp x pp x checkpointing layouts, {found.divide} divide, {len(found.fitting)} fit; "
            f"the fastest {min(args.top, len(found.fitting))} (step time predicted by planning/timing.py):", ""]
-    head = ["#", "tp x pp x dp", "ckpt", "global", "micro-batches", "step (s)", "tokens/s", "peak GiB (stage)",
+    head = ["#", "tp x pp x dp", "ckpt", "gather", "global", "micro-batches", "step (s)", "tokens/s", "peak GiB (stage)",
             "compute", "TP", "ZeRO-3", "PP", "bubble", "bound by", "links"]
-    rows = [[str(i + 1), f"{p.tp} x {p.pp} x {p.dp}", "on" if p.checkpointing else "off", str(p.global_batch),
+    rows = [[str(i + 1), f"{p.tp} x {p.pp} x {p.dp}", "on" if p.checkpointing else "off",
+             p.zero3_gather if p.zero_stage == 3 and p.dp > 1 else "-", str(p.global_batch),
              str(p.micro_batches), f"{t.total:.3g}", f"{t.tokens_per_s:,.0f}", f"{_gib(p.worst.total, 1)} ({p.worst.stages})",
              *(f"{x:.3g}" for x in (t.compute, t.tp, t.zero3, t.pp, t.bubble)), t.bottleneck, t.links]
             for i, (p, t) in enumerate(found.fitting[: args.top])]
@@ -228,6 +234,7 @@ def search_report(found, args: PlanArgs, name: str, shape: ModelShape, kw: dict,
     if found.fitting:
         p, t = found.fitting[0]
         return out + ["", f"BEST: --tp {p.tp} --pp {p.pp}" + " --activation_checkpointing" * p.checkpointing
+                      + (f" --zero3_gather {p.zero3_gather}" if p.zero_stage == 3 and p.dp > 1 else "")
                       + f" (dp {p.dp}): {t.total:.3g} s per step, {t.tokens_per_s:,.0f} tokens/s, bound by "
                       f"{t.bottleneck}; {_gib(p.worst.total, 1)} GiB on the fullest rank"]
     c = found.closest
@@ -277,7 +284,7 @@ def main(argv=None) -> int:
             raise ConfigError("--gpu_mem_gb must be > 0 and --reserve_gb in [0, --gpu_mem_gb)")
         common = dict(seq_len=args.seq_len, n_prompt=args.n_prompt, prompt_groups=args.prompt_groups,
                       encoder=args.encoder, gpu_mem_bytes=int(args.gpu_mem_gb * GiB),
-                      reserve_bytes=int(args.reserve_gb * GiB), name=name, **kw)
+                      reserve_bytes=int(args.reserve_gb * GiB), name=name, zero3_gather=args.zero3_gather, **kw)
         if args.search:
             given = lambda flag: getattr(ns, flag) is not None  # noqa: E731 - a flag on the command line
             found = search(shape, args.nodes, args.gpus_per_node, rates, tps=[args.tp] if given("tp") else None,

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from ptuning_dist.config import RunConfig
 from ptuning_dist.errors import ConfigError
 from ptuning_dist.parallel import launch
-from ptuning_dist.parallel.ds_config import load_ds_config, zero_stage
+from ptuning_dist.parallel.ds_config import ds_settings, load_ds_config, zero_stage
 from ptuning_dist.parallel.heap import HostHeap
 
 
@@ -218,8 +218,9 @@ def parallelize(model, plan: ParallelPlan, model_dir=None) -> Parallelized:
 
             stage = ps.get_pipeline_model_parallel_rank()
         encoder_numel = sum(q.numel() for q in model.prompt.parameters()) if model.prompt is not None else 0
+        offload = ds_settings(plan.ds_cfg, str(p.ds_config)).offload
         gather, why = choose_gather(p.zero3_gather, model.frozen, plan.cfg, model_dir, plan.device, encoder_numel,
-                                    stage)
+                                    stage, offload)
         gather = _agree_on_gather(gather, dp_group, plan.device)
         if gather == "step":
             held = list({id(q): q for q in [*external, *model.frozen.parameters()]}.values())

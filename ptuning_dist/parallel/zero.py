@@ -115,15 +115,19 @@ def _held(params):
 
 
 def choose_gather(mode: str, frozen: torch.nn.Module, cfg, model_dir, device, encoder_numel: int,
-                  pp_stage: int) -> tuple[str, str]:
+                  pp_stage: int, offload: bool = False) -> tuple[str, str]:
     """``parallel.zero3_gather`` resolved for this rank's stage: ('step' or 'layer', why). 'auto'
     asks the memory model (``planning/memory.py``) for the step peak with the whole stage gathered:
     the frozen bytes held and gathered counted from the partitions themselves, activations and the
     encoder from the model's shape; 'step' if that fits 80% of the device's memory (CUDA: the
     device's total; CPU: the host's MemTotal over the node's ranks). A family without a memory
-    model (no megatron layout) stays at 'layer'. Once at set-up: host queries are fine here."""
+    model (no megatron layout) stays at 'layer', and so does ``offload`` (offload_param: the user
+    keeps the frozen weights off the device; 'step' would bring them all back for the step). Once
+    at set-up: host queries are fine here."""
     if mode != "auto":
         return mode, f"parallel.zero3_gather = {mode}"
+    if offload:
+        return "layer", "zero3_gather auto -> layer (offload_param: the frozen weights stay off the device)"
     from ptuning_dist.planning.memory import activation_bytes
     from ptuning_dist.planning.shape import ModelShape
 

@@ -124,6 +124,7 @@ class Plan:
     reserve_bytes: int  # runtime not modelled (CUDA context, NCCL buffers, allocator slack)
     stages: list[StageRow]
     prompt_groups: int = 1  # encoders (LAMA relations / tasks), each of n_prompt slots
+    zero3_gather: str = "layer"  # under ZeRO-3 at dp > 1: "layer" (gathered per module, forward and backward) or "step"
 
     @property
     def world(self) -> int:
@@ -181,9 +182,25 @@ def plan_layout(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int, pp: 
 def plan(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int = 1, pp: int = 1, *, zero_stage: int = 3,
          dtype_bytes: int = 2, micro_batch: int = 1, global_batch: int | None = None, seq_len: int | None = None,
          n_prompt: int = 6, encoder: str = "lstm", gpu_mem_bytes: int = 80 * GiB, checkpointing: bool = False,
-         reserve_bytes: int = 0, offload: bool = False, name: str = "the model", prompt_groups: int = 1) -> Plan:
+         reserve_bytes: int = 0, offload: bool = False, name: str = "the model", prompt_groups: int = 1,
+         zero3_gather: str = "layer") -> Plan:
     """The plan of one layout (see the module docstring); ConfigError if it does not divide or an
-    input is out of range. ``global_batch`` None: micro x dp; ``seq_len`` None: the model's positions."""
+    input is out of range. ``global_batch`` None: micro x dp; ``seq_len`` None: the model's positions.
+    ``zero3_gather`` (``parallel.zero3_gather``): "layer", "step" (each frozen weight gathered once a
+    step and held for it: 1/(2 x micro-batches) of the layers' gathered bytes, the stage's weights
+    held), or "auto": "step" where that plan fits, else "layer" (as the run resolves it, by memory;
+    with ``offload`` always "layer", as the run)."""
+    if zero3_gather not in ("auto", "layer", "step"):
+        raise ConfigError(f"--zero3_gather {zero3_gather!r} is not one of auto, layer, step")
+    if zero3_gather == "auto" and offload:
+        zero3_gather = "layer"
+    if zero3_gather == "auto":
+        kw = dict(zero_stage=zero_stage, dtype_bytes=dtype_bytes, micro_batch=micro_batch, global_batch=global_batch,
+                  seq_len=seq_len, n_prompt=n_prompt, encoder=encoder, gpu_mem_bytes=gpu_mem_bytes,
+                  checkpointing=checkpointing, reserve_bytes=reserve_bytes, offload=offload, name=name,
+                  prompt_groups=prompt_groups)
+        step = plan(shape, nodes, gpus_per_node, tp, pp, zero3_gather="step", **kw)
+        return step if step.fits else plan(shape, nodes, gpus_per_node, tp, pp, zero3_gather="layer", **kw)
     dp, global_batch, n_micro = plan_layout(shape, nodes, gpus_per_node, tp, pp, micro_batch, global_batch, name)
     seq_len = shape.max_positions if seq_len is None else seq_len
     _positive(seq_len=seq_len, n_prompt=n_prompt, prompt_groups=prompt_groups)
@@ -201,8 +218,11 @@ def plan(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int = 1, pp: int
         raise ConfigError(f"--encoder {encoder!r} is not {one_of(choices(EncoderKind))}")
     # ZeRO 1/2 partition gradients and optimizer states: the frozen backbone has none, so only 3 partitions it
     partitioning = "zero3" if zero_stage == 3 else "none"
+    if partitioning == "none" or dp == 1:  # nothing is gathered: one mode
+        zero3_gather = "layer"
     kw = dict(dtype_bytes=dtype_bytes, partitioning=partitioning, n_prompt=n_prompt, encoder=encoder,
-              micro_batch=micro_batch, seq_len=seq_len, micro_batches=n_micro, prompt_groups=prompt_groups)
+              micro_batch=micro_batch, seq_len=seq_len, micro_batches=n_micro, prompt_groups=prompt_groups,
+              zero3_gather=zero3_gather)
     sbh, d, per_stage = seq_len * micro_batch * shape.hidden, dtype_bytes, shape.layers // pp
     rows: list[StageRow] = []
     for s in range(pp):
@@ -210,7 +230,8 @@ def plan(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int = 1, pp: int
         layer = sum(p.numel for p in r.frozen if p.name.startswith("decoder.layers.0."))
         outside = sum(p.numel for p in r.frozen if not p.name.startswith("decoder.layers."))
         comm = Comm(
-            zero3_gather=((dp - 1) * (2 * n_micro * per_stage * layer + outside) * d // dp
+            zero3_gather=((dp - 1) * ((1 if zero3_gather == "step" else 2 * n_micro) * per_stage * layer + outside)
+                          * d // dp
                           if partitioning == "zero3" else 0),
             tp_allreduce=2 * (tp - 1) * d * n_micro * (per_stage * (6 if checkpointing else 4) * sbh + (s == 0) * sbh
                                                   + (s == pp - 1) * micro_batch * shape.hidden) // tp,
@@ -227,7 +248,7 @@ def plan(shape: ModelShape, nodes: int, gpus_per_node: int, tp: int = 1, pp: int
             rows.append(row)
     return Plan(name, shape, nodes, gpus_per_node, tp, pp, dp, zero_stage, dtype_bytes, offload, micro_batch,
                 global_batch, n_micro, seq_len, n_prompt, encoder, checkpointing, gpu_mem_bytes, reserve_bytes, rows,
-                prompt_groups)
+                prompt_groups, zero3_gather)
 
 
 def _same(a: StageRow, b: StageRow) -> bool:

@@ -27,9 +27,11 @@ rank // gpus_per_node. Calls per micro-batch, for the latency: TP 4 per layer (+
 +1 on stage 0 (the splice), +1 on the last (the head); ZeRO-3 one all-gather per module holding
 weights (6 in a layer) for the forward and again for the backward; PP one send per direction. Per
 step: ZeRO-3 one gather per module outside the layers; DP one all-reduce (the prompt gradient).
+Under ``zero3_gather="step"`` (``Plan.zero3_gather``) every module is gathered once a step and held:
+no per-micro-batch gathers, the layers' bytes and calls in the once-a-step term.
 A ZeRO-3 gather also costs the device a copy of the gathered tensor (DeepSpeed gathers into a flat
 buffer, then copies each weight out: gathered bytes / ``copy``) and ``zero3_call`` per module of
-framework work (DeepSpeed's Python fetch and release: ~1.6 ms measured on this CPU, small on a GPU host).
+framework work (DeepSpeed's Python fetch and release: 1.3-2.4 ms measured on this CPU, small on a GPU host).
 
 Overlap: none by default. On gloo (this project's CPU runs) every collective blocks its rank:
 DeepSpeed's ``overlap_comm`` is off in ds_configs/zero3.json and megatron's p2p sends are blocking.
@@ -111,7 +113,7 @@ def matmul_params(plan: Plan) -> int:
 
 def layer_flops(plan: Plan) -> tuple[float, float]:
     """(forward, backward) FLOPs of one layer for one micro-batch on one rank (module docstring)."""
-    b, s, h = plan.micro_batch, plan.seq_len, plan.shape.hidden
+    b, s, h = plan.micro_batch, plan.seq_len, plan.shape.heads * plan.shape.head_dim  # the attention's width
     linear, attn = 2 * matmul_params(plan) * b * s, 4 * b * s * s * h / plan.tp
     return linear + attn, linear + 2 * attn
 
@@ -152,7 +154,11 @@ def step_time(plan: Plan, rates: Rates = Rates()) -> StepTime:
     compute = per_stage * (fwd + bwd + ckpt * fwd) / rates.flops
     zero3 = plan.zero_stage == 3 and plan.dp > 1
     layer_numel = sum(_numel(s) for _, s, _ in _layer_params(shape, plan.tp))
-    layer_gather = (plan.dp - 1) * 2 * m * per_stage * layer_numel * plan.dtype_bytes // plan.dp if zero3 else 0
+    # the layers' gathered bytes a step: every micro-batch's forward and backward ('layer'), or once ('step')
+    per_step = plan.zero3_gather == "step"
+    layer_gather = ((plan.dp - 1) * (1 if per_step else 2 * m) * per_stage * layer_numel * plan.dtype_bytes
+                    // plan.dp if zero3 else 0)
+    micro_gather = 0 if per_step else layer_gather / m  # per micro-batch; 'step': all in the once-a-step term
     exposed, lat = 1 - rates.overlap, rates.latency
     z_lat = lat + rates.zero3_call  # a ZeRO-3 module gather: the collective and the framework's work around it
     # the device copies every gathered byte once more (out of the flat all-gather buffer): received x dp/(dp-1)
@@ -162,15 +168,18 @@ def step_time(plan: Plan, rates: Rates = Rates()) -> StepTime:
         row = next(r for r in plan.stages if r.first <= s <= r.last)
         c = row.comm
         tp_calls = (plan.tp > 1) * (per_stage * (6 if ckpt else 4) + (s == 0) + (s == pp - 1))
-        z_calls = zero3 * 2 * per_stage * _modules(_layer_params(shape, plan.tp))
+        layer_modules = zero3 * per_stage * _modules(_layer_params(shape, plan.tp))
+        z_calls = 0 if per_step else 2 * layer_modules
         p_calls = (s > 0) + (s < pp - 1)
         per_micro.append((compute,
                           c.tp_allreduce / m / bw["tp"] + tp_calls * lat,
-                          exposed * (layer_gather / m / bw["dp"] + z_calls * z_lat) + layer_gather / m * z_copy,
+                          exposed * (micro_gather / bw["dp"] + z_calls * z_lat) + micro_gather * z_copy,
                           exposed * (c.pp_send / m / bw["pp"] + p_calls * lat)))
         outside = _global_params(shape, plan.tp, pp, s)
-        z_rest = c.zero3_gather - layer_gather  # the weights outside the layers, gathered once a step
-        once.append((exposed * (z_rest / bw["dp"] + zero3 * _modules(outside) * z_lat) + z_rest * z_copy,
+        # once a step: the weights outside the layers (and under 'step' the layers' too)
+        z_rest = c.zero3_gather if per_step else c.zero3_gather - layer_gather
+        z_once_calls = zero3 * _modules(outside) + (layer_modules if per_step else 0)
+        once.append((exposed * (z_rest / bw["dp"] + z_once_calls * z_lat) + z_rest * z_copy,
                      (c.dp_allreduce / bw["dp"] + lat) if s == 0 and plan.dp > 1 else 0.0))
     t = [sum(x) for x in per_micro]
     crit = max(range(pp), key=lambda s: t[s])

@@ -65,3 +65,13 @@ def test_bad_stage_dtypes_and_optimizer(tmp_path):
         load_ds_config(tmp_path / "bad.json", cfg(), 1)
     with pytest.raises(ConfigError, match="file not found"):
         load_ds_config(tmp_path / "missing.json", cfg(), 1)
+
+
+def test_zero3_gather_auto_stays_per_layer_under_offload():
+    """offload_param keeps the frozen weights off the device: 'auto' does not gather the whole stage
+    back for the step (the planner plans the same, tests/unit/test_planner_time.py); an explicit mode stands."""
+    from ptuning_dist.parallel.zero import choose_gather
+
+    gather, why = choose_gather("auto", None, None, None, None, 0, 0, offload=True)
+    assert gather == "layer" and "offload_param" in why
+    assert choose_gather("step", None, None, None, None, 0, 0, offload=True)[0] == "step"

@@ -136,7 +136,7 @@ def test_launcher_exit_codes_and_verdicts():
             launch("--model", "gpt2-xl", "--tp", 3)]
     (ok, ok_err), (no, _), (bad, bad_err) = (p.communicate(timeout=120) for p in runs)
     assert [p.returncode for p in runs] == [0, 1, 2], (ok_err, bad_err)
-    assert "ZeRO-3: frozen weights partitioned over dp 8; fp32 (4 bytes)" in ok
+    assert "ZeRO-3: frozen weights partitioned over dp 8, gathered per step; fp32 (4 bytes)" in ok
     assert ok.splitlines()[-1].startswith("VERDICT: fits:")
     assert no.splitlines()[-1].startswith("VERDICT: does not fit: stage 0 needs")
     assert bad_err.strip() == "error: does not divide: --tp 3 does not divide the 25 attention heads of gpt2-xl"
@@ -163,7 +163,7 @@ def test_cli_inputs(capsys, tmp_path):
     assert code == 2 and "zero_optimization.stage = 3 contradicts --zero_stage 0" in err
     code, out, _ = run_main(capsys, "--model", "gpt2-xl", "--ds_config", ds, "--seq_len", 64)  # micro 4 from the JSON
     assert code == 0 and "global 32 = micro 4 x 1 micro-batches per step x dp 8" in out
-    assert "offloaded to the host; bf16/fp16 (2 bytes)" in out and "frozen (host)" in out
+    assert "offloaded to the host, gathered per layer; bf16/fp16 (2 bytes)" in out and "frozen (host)" in out
     ds.write_text(json.dumps({"gradient_accumulation_steps": 4, "train_batch_size": "auto"}))
     code, out, _ = run_main(capsys, "--model", "gpt2-xl", "--ds_config", ds, "--seq_len", 64)
     assert code == 0 and "global 32 = micro 1 x 4 micro-batches per step x dp 8" in out and "ZeRO-0" in out

@@ -195,3 +195,58 @@ def test_search_with_no_dividing_layout_exits_2(capsys):
     code, out, err = run_main(capsys, "--model", "gpt2-xl", "--search", "--tp", 2, "--seq_len", 64)
     assert code == 2 and out == "" and err.startswith("error: --search: no tp x pp layout")
     assert "--tp 2 does not divide the 25 attention heads" in err
+
+
+def test_zero3_gather_step_counted_by_hand_and_auto_by_memory(capsys):
+    """--zero3_gather (the training flag's modes): 'layer' gathers the layers' weights for every
+    micro-batch's forward and backward, 'step' once a step; the weights outside the layers once a
+    step in both. TOY on 4 ranks, tp 1 x pp 1 x dp 4, m = 2 micro-batches, 2-byte weights."""
+    from ptuning_dist.planning.memory import _global_params, _layer_params
+    from ptuning_dist.planning.timing import _modules
+
+    kw = dict(zero_stage=3, dtype_bytes=2, micro_batch=1, global_batch=8, seq_len=4, n_prompt=3)
+    layer, step = (plan(TOY, 1, 4, 1, 1, zero3_gather=g, **kw) for g in ("layer", "step"))
+    assert (layer.zero3_gather, step.zero3_gather, layer.micro_batches) == ("layer", "step", 2)
+    L = TOY.layers * sum(n for n in (_n(s) for _, s, _ in _layer_params(TOY, 1)))
+    O = sum(_n(s) for _, s, _ in _global_params(TOY, 1, 1, 0))
+    assert layer.stages[0].comm.zero3_gather == 3 * (2 * 2 * L + O) * 2 // 4
+    assert step.stages[0].comm.zero3_gather == 3 * (L + O) * 2 // 4
+    # bandwidth only: every gathered byte over the link, whichever mode
+    bw = Rates(flops=1e30, intra=1.0, inter=1.0, latency=0.0, copy=1e30)
+    for p in (layer, step):
+        assert step_time(p, bw).zero3 == pytest.approx(p.stages[0].comm.zero3_gather)
+    # latency only: one call per module gathered, 2 x m a step per layer module under 'layer', once under 'step'
+    lat = Rates(flops=1e30, intra=1e30, inter=1e30, latency=1.0, copy=1e30)
+    modules, outside = TOY.layers * _modules(_layer_params(TOY, 1)), _modules(_global_params(TOY, 1, 1, 0))
+    assert step_time(layer, lat).zero3 == pytest.approx(2 * 2 * modules + outside)
+    assert step_time(step, lat).zero3 == pytest.approx(modules + outside)
+    assert step_time(step).compute == step_time(layer).compute and step_time(step).total < step_time(layer).total
+    # memory: 'step' holds the stage gathered (8 layers: more than 'layer''s three in flight); 'auto' takes
+    # it only where it fits
+    toy8 = replace(TOY, layers=8)
+    layer8, step8 = (plan(toy8, 1, 4, zero3_gather=g, **kw) for g in ("layer", "step"))
+    assert step8.worst.gather > layer8.worst.gather
+    assert plan(toy8, 1, 4, zero3_gather="auto", **kw).zero3_gather == "step"
+    between = (layer8.worst.total + step8.worst.total) // 2
+    assert plan(toy8, 1, 4, zero3_gather="auto", gpu_mem_bytes=between, **kw).zero3_gather == "layer"
+    assert plan(toy8, 1, 4, zero3_gather="auto", offload=True, **kw).zero3_gather == "layer"  # as the run
+    # nothing gathered (no ZeRO-3, or dp 1): one mode
+    assert plan(TOY, 1, 4, 1, 1, zero3_gather="step", **dict(kw, zero_stage=0)).zero3_gather == "layer"
+    with pytest.raises(ConfigError, match="--zero3_gather 'often' is not one of auto, layer, step"):
+        plan(TOY, 1, 4, 1, 1, zero3_gather="often", **kw)
+    # the CLI: the mode in the layout line and the search's BEST line
+    code, out, _ = run_main(capsys, "--model", "gpt-20b", "--nodes", 4, "--tp", 8, "--zero_stage", 3, "--dtype",
+                            "bfloat16", "--global_batch_size", 512, "--seq_len", 2048, "--zero3_gather", "layer")
+    assert code == 0 and "partitioned over dp 4, gathered per layer" in out
+    code, out, _ = run_main(capsys, "--model", "gpt-20b", "--nodes", 4, "--search", "--zero_stage", 3, "--dtype",
+                            "bfloat16", "--global_batch_size", 512, "--seq_len", 2048)
+    assert code == 0 and "--zero3_gather " in out.splitlines()[-1]
+    code, out, err = run_main(capsys, "--model", "gpt2-xl", "--seq_len", 64, "--zero3_gather", "often")
+    assert code == 2 and out == "" and err.startswith("error: --zero3_gather")
+
+
+def _n(shape) -> int:
+    out = 1
+    for x in shape:
+        out *= x
+    return out
