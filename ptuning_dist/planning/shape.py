@@ -51,6 +51,7 @@ class ModelShape:
     max_positions: int
     tied_embeddings: bool
     style: LayerStyle | None = None
+    kv_channels: int | None = None  # a head's width where config.json gives it (LLaMA's head_dim), else hidden / heads
 
     def __post_init__(self):
         if self.style is None:
@@ -60,7 +61,7 @@ class ModelShape:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads  # megatron's kv_channels default, as the importer assumes
+        return self.kv_channels or self.hidden // self.heads  # as the importer sets megatron's kv_channels
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping | str | Path) -> "ModelShape":

@@ -29,10 +29,12 @@ def hf_config(family: str, **over):
                        num_key_value_heads=4, max_position_embeddings=64, vocab_size=1001, **over)
 
 
-FAMILIES = [("gpt2", {}), ("llama", {"tie_word_embeddings": False}), ("llama", {"tie_word_embeddings": True})]
+# the last: config.json's head_dim (8) wider than hidden / heads (4), as some LLaMA-family checkpoints have
+FAMILIES = [("gpt2", {}), ("llama", {"tie_word_embeddings": False}), ("llama", {"tie_word_embeddings": True}),
+            ("llama", {"tie_word_embeddings": False, "head_dim": 8})]
 
 
-@pytest.fixture(scope="module", params=FAMILIES, ids=["gpt2", "llama-untied", "llama-tied"])
+@pytest.fixture(scope="module", params=FAMILIES, ids=["gpt2", "llama-untied", "llama-tied", "llama-head_dim"])
 def hf_model(request):
     from transformers import AutoModelForCausalLM
 

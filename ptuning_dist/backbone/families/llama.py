@@ -31,7 +31,8 @@ class Llama(Family):
         heads = cfg["num_attention_heads"]
         return ModelShape(cls.model_type, cfg["num_hidden_layers"], cfg["hidden_size"], heads,
                           cfg.get("num_key_value_heads") or heads, cfg["intermediate_size"], cfg["vocab_size"],
-                          cfg["max_position_embeddings"], bool(cfg.get("tie_word_embeddings", False)))
+                          cfg["max_position_embeddings"], bool(cfg.get("tie_word_embeddings", False)),
+                          kv_channels=cfg.get("head_dim") or None)
 
     @classmethod
     def tiny_config(cls, **common):
