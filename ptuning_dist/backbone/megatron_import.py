@@ -80,11 +80,14 @@ def new_stage(cfg, dtype: torch.dtype, tp: int, pp: int, stage: int):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from ptuning_dist.backbone.megatron_attention import use_sdpa
+
     fam = family(cfg.model_type, need="megatron")
     shape = fam.shape(cfg.to_dict())
     check_model(shape, tp, pp)
     style = shape.style
     spec = get_gpt_layer_local_spec() if style.norm_bias else get_gpt_layer_local_spec(normalization="RMSNorm")
+    use_sdpa(spec)  # the attention core as one fused SDPA call (backbone/megatron_attention.py)
     # Tied at pp = 1: one table serves both ends. At pp > 1 the last stage holds its own copy, loaded
     # with the real embeddings (megatron's own tying would zero it, then all-reduce it over the
     # embedding group from stage 0, with a .cuda() on the way).
