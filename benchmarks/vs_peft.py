@@ -297,6 +297,15 @@ def main() -> None:
                 if variant in systems and ONLY_ON.get(variant, layout) == layout:
                     r = run_worker(variant, task, layout, model, 3, work, False, profile_step=3, tag="_prof")
                     profiles[(task, layout, variant)] = r[0]["profile"]
+    if "peft" not in systems:  # our variants against each other (e.g. ours vs ours-megatron): ratios, no report
+        for task, layout in configs:
+            base = [steps_per_s(r, warmup) for r in runs[(task, layout)][systems[0]]]
+            for variant in systems[1:]:
+                so = [steps_per_s(r, warmup) for r in runs[(task, layout)][variant]]
+                if so:
+                    print(f"{task} {layout}: {variant} / {systems[0]} steps/s per repeat "
+                          f"{', '.join(f'{a / b:.2f}' for a, b in zip(so, base))}", flush=True)
+        return
     body = report(args, configs, systems, runs, rates, fair, profiles, N, warmup, time.perf_counter() - t_all)
     print("\n".join(body))
     if work_ctx:

@@ -244,7 +244,8 @@ def profile_ours_setup(model, encoder):
     lab.method(model.backbone, "reference_splice", "splice")
     lab.method(model.backbone, "head", "head")
     lab.method(model, "loss", "head")
-    lab.gpt2(model.backbone.model)
+    if hasattr(model.backbone.model, "transformer"):  # hf GPT-2's blocks labelled; megatron's ops by name only
+        lab.gpt2(model.backbone.model)
     clip = torch.nn.utils.clip_grad_norm_
 
     def clip_labelled(*a, **k):
