@@ -37,14 +37,14 @@ RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
 # The source tree (.dockerignore keeps out .venv, .git, runs/, caches and large local files).
 COPY . /opt/ptuning-dist
 
-# Install the package and its dependencies as pyproject.toml pins them (deepspeed, transformers,
-# megatron-core ==; the rest by its ranges).
+# Install the package and its dependencies as pyproject.toml pins them (deepspeed and
+# megatron-core ==; transformers and the rest by their ranges).
 # - torch stays the base image's CUDA build: its exact installed version goes into a constraints
 #   file, so the resolver can only keep it. pyproject's torch range alone would let pip swap in a
 #   PyPI build whenever it resolved to another version; with the constraint such a conflict fails
 #   the build instead. torch's own == pins (triton, nvidia-*) keep those too. The file stays in the
 #   image for derived images: `pip install -c /etc/ptuning-dist/constraints.txt ...`.
-# - no extras: the test extra's triton==3.9.0 would fight the triton this CUDA torch pins.
+# - no extras: the test extra's triton (a range up to CI's 3.9.0) is not needed in the image.
 # - ninja: the C++ JIT builds (DeepSpeed ops, our splice kernel). mpich: mpi4py (a dependency: DeepSpeed's
 #   rank discovery under mpirun) needs an MPI library at run time and the base image has none; the PyPI
 #   wheel is the one the test suite runs with, and brings mpirun for `mpirun -np N` on one node. Across
