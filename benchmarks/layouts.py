@@ -46,6 +46,7 @@ LAYOUTS = [  # (name, ranks, flags)
     ("hf, DP=2, ZeRO-3", 2, ["--backend", "hf", *Z3]),
     ("hf, DP=2, FSDP2", 2, ["--backend", "hf", "--fsdp2", "true"]),
 ]
+LAYOUTS_FLAGS = {name: flags for name, _, flags in LAYOUTS}
 MiB = 1 << 20
 
 
@@ -92,8 +93,6 @@ def _table(rows) -> list[str]:
                    f"| {recs[0]['load'][0]:.1f}-{recs[0]['load'][1]:.1f} |")
     return out
 
-
-LAYOUTS_FLAGS = {name: flags for name, _, flags in LAYOUTS}
 
 
 def _reading(rows) -> list[str]:
