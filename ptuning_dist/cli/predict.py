@@ -81,8 +81,9 @@ def main(argv=None) -> int:
         adopt_template(cfg, meta)
         plan = ParallelPlan.from_config(cfg)
         D = plan.start()
+        model_dir = resolve_model_path(cfg)
         with plan.loading():
-            run_ = build_run(cfg, D.device, fill=plan.fill(resolve_model_path(cfg)))
+            run_ = build_run(cfg, D.device, fill=plan.fill(model_dir))
         load_table(args.prompt_table, ident=run_.ident)  # the table fits this backbone
         check_templates(meta, run_.templates, args.prompt_table)
         run_.groups = meta["groups"]
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         cands = run_.cands.tensor()
         model = PTuningModel(run_.backbone, prompt, None if cands is None else cands.to(D.device), cfg.model.splice)
         model.frozen.mean_score = cfg.data.candidate_score == "mean"
-        par = parallelize(model, plan)
+        par = parallelize(model, plan, model_dir)  # model_dir: the memory model behind zero3_gather auto
         ex = encode(run_, run_.task.read(inp, labeled=False))
         if not ex:
             raise PTuningError(f"--input {inp}: no rows")

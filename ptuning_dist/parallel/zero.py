@@ -131,6 +131,8 @@ def choose_gather(mode: str, frozen: torch.nn.Module, cfg, model_dir, device, en
     from ptuning_dist.planning.memory import activation_bytes
     from ptuning_dist.planning.shape import ModelShape
 
+    if model_dir is None:
+        return "layer", "zero3_gather auto -> layer (no model directory for the memory model)"
     held = gathered = 0
     for p in frozen.parameters():
         held += p.ds_tensor.numel() * p.ds_tensor.element_size()
