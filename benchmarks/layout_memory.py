@@ -122,7 +122,10 @@ def run_layout(model: Path, tmp: Path, name: str, world: int, flags: list[str], 
            str(free_port()), __file__, "--worker", "--record", str(rec_dir), "--model", str(model),
            "--backend", "megatron", *flags, "--output_dir", str(rec_dir / "out"), "--max_steps", str(steps),
            "--micro_batch_size", str(MICRO), "--global_batch_size", str(MICRO * ACCUM * dp),
-           "--log_every", str(steps), "--host_malloc", "mmap"]
+           "--log_every", str(steps), "--host_malloc", "mmap",
+           # the memory model's micro-batch is micro_batch_size rows of the longest row's length; packing
+           # (on by default on megatron too) puts fewer, fuller rows in a forward: at most that, not equal
+           "--packing", "off"]
     p = subprocess.run(cmd, env={**os.environ, **ENV}, cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"{name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")

@@ -168,12 +168,14 @@ def activation_bytes(m: ModelShape, tp: int, pp: int, pp_stage: int, micro_batch
     The backbone is frozen, so megatron's frozen-weight linears save only their weight (not their
     input) and what one layer keeps for the input gradient is, in elements:
 
-        saved = s*b*(2h + (2a + 2g)*d + k*f) + b*a*s*s
+        saved = s*b*(2h + (2a + 2g)*d + k*f) + b*a*s
 
     with a = heads/tp, g = kv_groups/tp, d = head_dim, f = ffn/tp: the two norm inputs (2h); q, k,
-    v and the copy of q the attention's reshape makes ((2a + 2g)*d; under GQA k and v are expanded
-    to all heads, so this is approximate); the MLP's nonlinearity (k = 1: GELU's input; a gated
-    MLP k = 3: fc1's [gate|up] output and SiLU's output); the softmax output (b*a*s*s).
+    v and the attention's output ((2a + 2g)*d); the MLP's nonlinearity (k = 1: GELU's input; a gated
+    MLP k = 3: fc1's [gate|up] output and SiLU's output); the fused attention's log-sum-exp (b*a*s).
+    Fused attention (SDPA: the hf backend's, and the megatron backend's ``SDPAttention``) keeps no
+    s x s tensor; megatron's own ``DotProductAttention`` (its fallbacks: dropout in training, ...)
+    would keep the softmax output, b*a*s*s more.
     Without checkpointing a stage keeps ``saved`` for each of its layers, plus its input (s*b*h),
     plus one layer's gradients (bounded by ``saved``); with checkpointing only the layer inputs
     (s*b*h each) and its input, plus one layer recomputed and its gradients (2 x saved). Under 1F1B,
@@ -182,7 +184,7 @@ def activation_bytes(m: ModelShape, tp: int, pp: int, pp_stage: int, micro_batch
     h, a, g, d, f = m.hidden, m.heads // tp, m.kv_groups // tp, m.head_dim, m.ffn // tp
     k = 3 if m.style.gated_mlp else 1
     s, b = seq_len, micro_batch
-    saved = s * b * (2 * h + (2 * a + 2 * g) * d + k * f) + b * a * s * s
+    saved = s * b * (2 * h + (2 * a + 2 * g) * d + k * f) + b * a * s
     layers = m.layers // pp
     in_flight = min(pp - pp_stage, micro_batches or pp - pp_stage)
     if checkpointing:

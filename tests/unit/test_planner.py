@@ -91,7 +91,7 @@ def test_verdicts():
     assert not big.fits and big.worst.first == 0 and big.worst.encoder > 80 * GiB  # the LSTM encoder alone
     assert big.verdict.startswith("does not fit: stage 0 needs") and "GiB over" in big.verdict
     assert "64 of 2240 ranks (stages 0) exceed" in big.verdict
-    kw = dict(global_batch=1536, seq_len=2048, gpu_mem_bytes=60 * GiB)
+    kw = dict(global_batch=1536, seq_len=2048, gpu_mem_bytes=54 * GiB)  # between the peaks without (57.4) and with (48.5) checkpointing
     no_ck = plan(PRESETS["gpt-175b"], 16, 8, 8, 8, **kw)
     assert not no_ck.fits and no_ck.verdict.endswith("and it fits")  # points at checkpointing
     assert plan(PRESETS["gpt-175b"], 16, 8, 8, 8, checkpointing=True, **kw).fits
