@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from ptuning_dist.errors import upstream
+
 
 class SDPAttention(DotProductAttention):
     """``DotProductAttention`` whose forward is one fused SDPA call where that is exact (module docstring)."""
@@ -55,6 +57,8 @@ class SDPAttention(DotProductAttention):
 def use_sdpa(spec) -> None:
     """Swap the local layer spec's attention core for ``SDPAttention`` (in place)."""
     core = spec.submodules.self_attention.submodules
-    assert core.core_attention is DotProductAttention, core.core_attention  # the local spec's
+    upstream(core.core_attention is DotProductAttention,  # an upgrade that changed the local spec: say so
+             f"megatron-core's local layer spec has core_attention {core.core_attention!r}, not DotProductAttention, "
+             "which backbone/megatron_attention.SDPAttention replaces")
     core.core_attention = SDPAttention
 

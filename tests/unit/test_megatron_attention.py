@@ -80,3 +80,16 @@ def test_falls_back_where_sdpa_would_differ(megatron_groups):
     assert torch.equal(fused(q, k, v, m), ref(q, k, v, m))
     _, drop = cores(attention_dropout=0.1)
     assert not drop.train()._fused(None, None) and drop.eval()._fused(None, None)
+
+
+def test_use_sdpa_swaps_the_local_specs_core_and_refuses_another():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from ptuning_dist.backbone.megatron_attention import SDPAttention, use_sdpa
+    from ptuning_dist.errors import UpstreamError
+
+    spec = get_gpt_layer_local_spec()
+    use_sdpa(spec)
+    assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
+    with pytest.raises(UpstreamError, match="not DotProductAttention"):
+        use_sdpa(spec)  # already swapped: not the core it was written against
